@@ -1,0 +1,370 @@
+package reconcile
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/berth-dev/berth/forward"
+	"github.com/berth-dev/berth/watcher"
+	"github.com/sirupsen/logrus"
+)
+
+// States a mapping can be in.
+const (
+	StateInstalled = "installed"
+	StatePending   = "pending"
+	StateError     = "error"
+)
+
+// Source is where the desired state comes from (the watcher).
+type Source interface {
+	Snapshot() ([]watcher.Container, []watcher.Bridge)
+	Connected() bool
+}
+
+// Options configure a Reconciler.
+type Options struct {
+	// NAT and Relay are the backends; nil means that mode is unavailable
+	// and mappings asking for it are shown as errors.
+	NAT   forward.Forwarder
+	Relay forward.Forwarder
+	Log   logrus.FieldLogger
+	// HostConflicts reports, for mappings about to be installed, those
+	// whose host port a process other than dockerd or berth listens on.
+	HostConflicts func(ms []forward.Mapping) map[forward.Mapping]error
+	// BeforeSync runs at the start of each sync with the bridges (NAT
+	// egress masquerade, canary check). An error fails the sync.
+	BeforeSync func(ctx context.Context, bridges []watcher.Bridge) error
+}
+
+// Row is one line of `berth status`.
+type Row struct {
+	Proto         string         `json:"proto"`
+	HostIP        string         `json:"host_ip"`
+	HostPort      uint16         `json:"host_port"`
+	ContainerIP   string         `json:"container_ip"`
+	ContainerPort uint16         `json:"container_port"`
+	ContainerID   string         `json:"container_id"`
+	ContainerName string         `json:"container_name"`
+	Source        string         `json:"source"`
+	Mode          string         `json:"mode"`
+	State         string         `json:"state"`
+	Error         string         `json:"error"`
+	Reason        string         `json:"reason,omitempty"`
+	Stats         *forward.Stats `json:"stats,omitempty"`
+}
+
+// Summary is the daemon-wide part of the status.
+type Summary struct {
+	Syncs           uint64    `json:"syncs"`
+	FailedSyncs     uint64    `json:"failed_syncs"`
+	LastSync        time.Time `json:"last_sync"`
+	LastSuccess     time.Time `json:"last_success"`
+	LastSyncSeconds float64   `json:"last_sync_seconds"`
+	LastError       string    `json:"last_error,omitempty"`
+	Mappings        int       `json:"mappings"`
+	Installed       int       `json:"installed"`
+	Pending         int       `json:"pending"`
+	Errors          int       `json:"errors"`
+	DockerConnected bool      `json:"docker_connected"`
+	Info            []string  `json:"info,omitempty"`
+}
+
+// Reconciler makes the backends match the watcher's desired state. Sync
+// is called by one goroutine (the Runner); Status from any.
+type Reconciler struct {
+	src  Source
+	opts Options
+	log  logrus.FieldLogger
+
+	mu      sync.Mutex
+	rows    []Row
+	summary Summary
+	info    []string
+}
+
+// New returns a reconciler over src.
+func New(src Source, opts Options) *Reconciler {
+	log := opts.Log
+	if log == nil {
+		l := logrus.New()
+		l.SetLevel(logrus.PanicLevel)
+		log = l
+	}
+	return &Reconciler{src: src, opts: opts, log: log}
+}
+
+// SetInfo sets lines shown in the status summary (backend facts such as
+// the iptables flavour).
+func (r *Reconciler) SetInfo(lines ...string) {
+	r.mu.Lock()
+	r.info = lines
+	r.mu.Unlock()
+}
+
+func (r *Reconciler) backends() []struct {
+	mode forward.Mode
+	fw   forward.Forwarder
+} {
+	return []struct {
+		mode forward.Mode
+		fw   forward.Forwarder
+	}{{forward.ModeNAT, r.opts.NAT}, {forward.ModeRelay, r.opts.Relay}}
+}
+
+// Plan computes, without changing anything, what each backend would do.
+func (r *Reconciler) Plan(ctx context.Context) (map[forward.Mode]Plan, []Desired, error) {
+	cs, _ := r.src.Snapshot()
+	desired := Resolve(cs)
+	plans := map[forward.Mode]Plan{}
+	var errs []error
+	for _, b := range r.backends() {
+		want := wanted(desired, b.mode)
+		if b.fw == nil {
+			continue
+		}
+		have, err := b.fw.List(ctx)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s: list: %w", b.mode, err))
+			continue
+		}
+		plans[b.mode] = Diff(want, have)
+	}
+	return plans, desired, errors.Join(errs...)
+}
+
+func wanted(desired []Desired, mode forward.Mode) []forward.Mapping {
+	var out []forward.Mapping
+	for _, d := range desired {
+		if d.Err == "" && d.Mapping.Mode == mode {
+			out = append(out, d.Mapping)
+		}
+	}
+	return out
+}
+
+// Sync makes the host match the desired state once. It returns an error
+// when anything is left undone, so the Runner retries with backoff.
+func (r *Reconciler) Sync(ctx context.Context) error {
+	start := time.Now()
+	cs, bridges := r.src.Snapshot()
+	names := map[string]string{}
+	for _, c := range cs {
+		names[c.ID] = c.Name
+	}
+	var errs []error
+	if r.opts.BeforeSync != nil {
+		if err := r.opts.BeforeSync(ctx, bridges); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	desired := Resolve(cs)
+	failed := map[forward.Mapping]string{} // per mapping
+	pending := map[forward.Mode]string{}   // whole backend
+	for _, b := range r.backends() {
+		want := wanted(desired, b.mode)
+		if b.fw == nil {
+			for _, m := range want {
+				failed[m] = fmt.Sprintf("%s: %s mode is disabled in this berth", m, b.mode)
+			}
+			continue
+		}
+		have, err := b.fw.List(ctx)
+		if err != nil {
+			pending[b.mode] = fmt.Sprintf("%s backend: list: %v", b.mode, err)
+			errs = append(errs, fmt.Errorf("%s: list: %w", b.mode, err))
+			continue
+		}
+		plan := Diff(want, have)
+		if r.opts.HostConflicts != nil && len(plan.Add) > 0 {
+			conflicts := r.opts.HostConflicts(plan.Add)
+			kept := plan.Add[:0]
+			for _, m := range plan.Add {
+				if err, ok := conflicts[m]; ok {
+					failed[m] = err.Error()
+					errs = append(errs, err)
+					continue
+				}
+				kept = append(kept, m)
+			}
+			plan.Add = kept
+		}
+		if plan.Empty() {
+			continue
+		}
+		err = b.fw.Apply(ctx, plan.Add, plan.Remove)
+		per, batch := forward.SplitErrors(err)
+		for m, e := range per {
+			failed[m] = e.Error()
+		}
+		if batch != nil {
+			pending[b.mode] = fmt.Sprintf("%s backend: %v", b.mode, batch)
+		}
+		if err != nil {
+			errs = append(errs, err)
+		}
+		r.logPlan(b.mode, plan, per, batch, names)
+	}
+	err := errors.Join(errs...)
+	r.record(desired, failed, pending, start, err)
+	return err
+}
+
+// logPlan writes one line per applied change, or one per container when a
+// container brings many (a 1,000-port container is one line, not 2,000).
+func (r *Reconciler) logPlan(mode forward.Mode, p Plan, per map[forward.Mapping]error, batch error, names map[string]string) {
+	if batch != nil {
+		r.log.WithField("mode", mode).WithError(batch).Error("apply failed")
+		return
+	}
+	for _, m := range p.Remove {
+		if _, bad := per[m]; bad {
+			r.log.WithFields(fields(m, names)).WithError(per[m]).Error("remove failed")
+		}
+	}
+	for _, m := range p.Add {
+		if _, bad := per[m]; bad {
+			r.log.WithFields(fields(m, names)).WithError(per[m]).Error("install failed")
+		}
+	}
+	if len(p.Add)+len(p.Remove) <= 20 {
+		for _, m := range p.Remove {
+			if per[m] == nil {
+				r.log.WithFields(fields(m, names)).Info("removed")
+			}
+		}
+		for _, m := range p.Add {
+			if per[m] == nil {
+				r.log.WithFields(fields(m, names)).Info("installed")
+			}
+		}
+		return
+	}
+	type count struct{ add, rem int }
+	by := map[string]*count{}
+	for _, m := range p.Add {
+		if by[m.ContainerID] == nil {
+			by[m.ContainerID] = &count{}
+		}
+		by[m.ContainerID].add++
+	}
+	for _, m := range p.Remove {
+		if by[m.ContainerID] == nil {
+			by[m.ContainerID] = &count{}
+		}
+		by[m.ContainerID].rem++
+	}
+	for id, c := range by {
+		r.log.WithFields(logrus.Fields{"container": containerLabel(id, names), "mode": mode}).
+			Infof("installed %d, removed %d mappings", c.add, c.rem)
+	}
+}
+
+func containerLabel(id string, names map[string]string) string {
+	if n := names[id]; n != "" {
+		return n + " (" + id + ")"
+	}
+	return id
+}
+
+func fields(m forward.Mapping, names map[string]string) logrus.Fields {
+	return logrus.Fields{"container": containerLabel(m.ContainerID, names), "mapping": m.String(), "mode": m.Mode}
+}
+
+func (r *Reconciler) record(desired []Desired, failed map[forward.Mapping]string, pending map[forward.Mode]string, start time.Time, err error) {
+	rows := make([]Row, 0, len(desired))
+	var sum Summary
+	for _, d := range desired {
+		m := d.Mapping
+		row := Row{ContainerID: m.ContainerID, ContainerName: d.ContainerName, Source: string(d.Source),
+			Mode: string(m.Mode), Reason: d.Reason}
+		if m.Key.HostIP.IsValid() {
+			row.Proto, row.HostIP, row.HostPort = string(m.Proto), m.HostIP.String(), m.HostPort
+		}
+		if m.ContainerIP.IsValid() {
+			row.ContainerIP, row.ContainerPort = m.ContainerIP.String(), m.ContainerPort
+		} else {
+			row.ContainerPort = m.ContainerPort
+		}
+		switch {
+		case d.Err != "":
+			row.State, row.Error = StateError, d.Err
+		case failed[m] != "":
+			row.State, row.Error = StateError, failed[m]
+		case pending[m.Mode] != "":
+			row.State, row.Error = StatePending, pending[m.Mode]
+		default:
+			row.State = StateInstalled
+		}
+		switch row.State {
+		case StateInstalled:
+			sum.Installed++
+		case StatePending:
+			sum.Pending++
+		default:
+			sum.Errors++
+		}
+		rows = append(rows, row)
+	}
+	sort.SliceStable(rows, func(i, j int) bool {
+		a, b := rows[i], rows[j]
+		if a.ContainerName != b.ContainerName {
+			return a.ContainerName < b.ContainerName
+		}
+		if a.Proto != b.Proto {
+			return a.Proto < b.Proto
+		}
+		if a.HostPort != b.HostPort {
+			return a.HostPort < b.HostPort
+		}
+		return a.HostIP < b.HostIP
+	})
+	now := time.Now()
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	sum.Syncs = r.summary.Syncs + 1
+	sum.FailedSyncs = r.summary.FailedSyncs
+	sum.LastSuccess = r.summary.LastSuccess
+	sum.LastSync = now
+	sum.LastSyncSeconds = now.Sub(start).Seconds()
+	sum.Mappings = len(rows)
+	if err != nil {
+		sum.FailedSyncs++
+		sum.LastError = err.Error()
+	} else {
+		sum.LastSuccess = now
+	}
+	r.rows, r.summary = rows, sum
+}
+
+// Status returns the rows of the last sync (with live relay counters) and
+// the summary.
+func (r *Reconciler) Status() ([]Row, Summary) {
+	r.mu.Lock()
+	rows := append([]Row(nil), r.rows...)
+	sum := r.summary
+	sum.Info = append([]string(nil), r.info...)
+	r.mu.Unlock()
+	sum.DockerConnected = r.src.Connected()
+	if sr, ok := r.opts.Relay.(forward.StatsReporter); ok && r.opts.Relay != nil {
+		stats := sr.Stats()
+		for i := range rows {
+			if rows[i].Mode != string(forward.ModeRelay) || rows[i].State != StateInstalled {
+				continue
+			}
+			ip, err := netip.ParseAddr(rows[i].HostIP)
+			if err != nil {
+				continue
+			}
+			if s, ok := stats[forward.Key{Proto: forward.Proto(rows[i].Proto), HostIP: ip, HostPort: rows[i].HostPort}]; ok {
+				rows[i].Stats = &s
+			}
+		}
+	}
+	return rows, sum
+}
