@@ -19,13 +19,23 @@ const (
 	StateInstalled = "installed"
 	StatePending   = "pending"
 	StateError     = "error"
+	// StateSkipped is a mapping whose mode this berth does not serve (a
+	// relay mapping seen by a one-shot command, or a disabled backend).
+	StateSkipped = "skipped"
 )
 
 // Source is where the desired state comes from (the watcher).
 type Source interface {
 	Snapshot() ([]watcher.Container, []watcher.Bridge)
 	Connected() bool
+	// Synced is true once the containers have been listed since the last
+	// (re)connect. Until then a sync would see an empty desired state and
+	// tear down mappings that are still right, so it does nothing.
+	Synced() bool
 }
+
+// ErrNotSynced is returned by Sync while the source has not listed Docker.
+var ErrNotSynced = errors.New("waiting for a full list of Docker containers")
 
 // Options configure a Reconciler.
 type Options struct {
@@ -40,6 +50,11 @@ type Options struct {
 	// BeforeSync runs at the start of each sync with the bridges (NAT
 	// egress masquerade, canary check). An error fails the sync.
 	BeforeSync func(ctx context.Context, bridges []watcher.Bridge) error
+	// Disabled explains, per mode, why a nil backend is missing.
+	Disabled map[forward.Mode]string
+	// Observe makes Sync read and report only: nothing is applied and
+	// missing mappings are shown as pending.
+	Observe bool
 }
 
 // Row is one line of `berth status`.
@@ -71,6 +86,8 @@ type Summary struct {
 	Installed       int       `json:"installed"`
 	Pending         int       `json:"pending"`
 	Errors          int       `json:"errors"`
+	Skipped         int       `json:"skipped"`
+	FlushRecoveries uint64    `json:"flush_recoveries"`
 	DockerConnected bool      `json:"docker_connected"`
 	Info            []string  `json:"info,omitempty"`
 }
@@ -152,13 +169,16 @@ func wanted(desired []Desired, mode forward.Mode) []forward.Mapping {
 // when anything is left undone, so the Runner retries with backoff.
 func (r *Reconciler) Sync(ctx context.Context) error {
 	start := time.Now()
+	if !r.src.Synced() {
+		return ErrNotSynced
+	}
 	cs, bridges := r.src.Snapshot()
 	names := map[string]string{}
 	for _, c := range cs {
 		names[c.ID] = c.Name
 	}
 	var errs []error
-	if r.opts.BeforeSync != nil {
+	if r.opts.BeforeSync != nil && !r.opts.Observe {
 		if err := r.opts.BeforeSync(ctx, bridges); err != nil {
 			errs = append(errs, err)
 		}
@@ -166,11 +186,17 @@ func (r *Reconciler) Sync(ctx context.Context) error {
 	desired := Resolve(cs)
 	failed := map[forward.Mapping]string{} // per mapping
 	pending := map[forward.Mode]string{}   // whole backend
+	notInstalled := map[forward.Mapping]bool{}
+	skipped := map[forward.Mapping]string{}
 	for _, b := range r.backends() {
 		want := wanted(desired, b.mode)
 		if b.fw == nil {
+			why := r.opts.Disabled[b.mode]
+			if why == "" {
+				why = fmt.Sprintf("%s mode is disabled in this berth", b.mode)
+			}
 			for _, m := range want {
-				failed[m] = fmt.Sprintf("%s: %s mode is disabled in this berth", m, b.mode)
+				skipped[m] = why
 			}
 			continue
 		}
@@ -197,6 +223,12 @@ func (r *Reconciler) Sync(ctx context.Context) error {
 		if plan.Empty() {
 			continue
 		}
+		if r.opts.Observe {
+			for _, m := range plan.Add {
+				notInstalled[m] = true
+			}
+			continue
+		}
 		err = b.fw.Apply(ctx, plan.Add, plan.Remove)
 		per, batch := forward.SplitErrors(err)
 		for m, e := range per {
@@ -211,7 +243,7 @@ func (r *Reconciler) Sync(ctx context.Context) error {
 		r.logPlan(b.mode, plan, per, batch, names)
 	}
 	err := errors.Join(errs...)
-	r.record(desired, failed, pending, start, err)
+	r.record(desired, failed, pending, notInstalled, skipped, start, err)
 	return err
 }
 
@@ -276,7 +308,7 @@ func fields(m forward.Mapping, names map[string]string) logrus.Fields {
 	return logrus.Fields{"container": containerLabel(m.ContainerID, names), "mapping": m.String(), "mode": m.Mode}
 }
 
-func (r *Reconciler) record(desired []Desired, failed map[forward.Mapping]string, pending map[forward.Mode]string, start time.Time, err error) {
+func (r *Reconciler) record(desired []Desired, failed map[forward.Mapping]string, pending map[forward.Mode]string, notInstalled map[forward.Mapping]bool, skipped map[forward.Mapping]string, start time.Time, err error) {
 	rows := make([]Row, 0, len(desired))
 	var sum Summary
 	for _, d := range desired {
@@ -298,6 +330,10 @@ func (r *Reconciler) record(desired []Desired, failed map[forward.Mapping]string
 			row.State, row.Error = StateError, failed[m]
 		case pending[m.Mode] != "":
 			row.State, row.Error = StatePending, pending[m.Mode]
+		case skipped[m] != "":
+			row.State, row.Error = StateSkipped, skipped[m]
+		case notInstalled[m]:
+			row.State, row.Error = StatePending, "not installed"
 		default:
 			row.State = StateInstalled
 		}
@@ -306,6 +342,8 @@ func (r *Reconciler) record(desired []Desired, failed map[forward.Mapping]string
 			sum.Installed++
 		case StatePending:
 			sum.Pending++
+		case StateSkipped:
+			sum.Skipped++
 		default:
 			sum.Errors++
 		}
@@ -329,6 +367,7 @@ func (r *Reconciler) record(desired []Desired, failed map[forward.Mapping]string
 	defer r.mu.Unlock()
 	sum.Syncs = r.summary.Syncs + 1
 	sum.FailedSyncs = r.summary.FailedSyncs
+	sum.FlushRecoveries = r.summary.FlushRecoveries
 	sum.LastSuccess = r.summary.LastSuccess
 	sum.LastSync = now
 	sum.LastSyncSeconds = now.Sub(start).Seconds()
@@ -340,6 +379,13 @@ func (r *Reconciler) record(desired []Desired, failed map[forward.Mapping]string
 		sum.LastSuccess = now
 	}
 	r.rows, r.summary = rows, sum
+}
+
+// NoteFlushRecovery counts a reinstall after someone flushed berth's rules.
+func (r *Reconciler) NoteFlushRecovery() {
+	r.mu.Lock()
+	r.summary.FlushRecoveries++
+	r.mu.Unlock()
 }
 
 // Status returns the rows of the last sync (with live relay counters) and

@@ -392,3 +392,7 @@ func (w *Watcher) listBridges(ctx context.Context) ([]Bridge, error) {
 	sort.Slice(out, func(i, j int) bool { return out[i].Network < out[j].Network })
 	return out, nil
 }
+
+// ListOnce lists and inspects all running containers once, without
+// following events: for `berth reconcile` and `berth status`.
+func (w *Watcher) ListOnce(ctx context.Context) error { return w.relistAll(ctx) }

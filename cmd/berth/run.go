@@ -1,0 +1,211 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"net"
+	"net/http"
+	"os/signal"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/berth-dev/berth/reconcile"
+	"github.com/berth-dev/berth/watcher"
+	"github.com/sirupsen/logrus"
+	"github.com/spf13/cobra"
+)
+
+func runCmd(g *globalFlags) *cobra.Command {
+	b := &backendFlags{}
+	cmd := &cobra.Command{
+		Use:   "run",
+		Short: "Run the daemon: follow Docker and keep every published port forwarded",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGTERM, syscall.SIGINT)
+			defer stop()
+			return runDaemon(ctx, g, b)
+		},
+	}
+	b.register(cmd.Flags())
+	withEnvUsage(cmd.Flags())
+	return cmd
+}
+
+func runDaemon(ctx context.Context, g *globalFlags, b *backendFlags) error {
+	log := g.log
+	cli, err := dockerClient(g.dockerHost)
+	if err != nil {
+		return err
+	}
+	defer cli.Close()
+	be, err := b.build(log, true)
+	if err != nil {
+		return err
+	}
+	defer be.relay.Close()
+
+	runner := &reconcile.Runner{MinInterval: b.minSync, MaxInterval: b.resync}
+	w, err := b.newWatcher(cli, runner.Trigger, func(n watcher.Notice) { logNotice(log, n) })
+	if err != nil {
+		return err
+	}
+	rec := reconcile.New(w, be.opts)
+	rec.SetInfo(be.info...)
+	d := &daemon{rec: rec, w: w}
+	runner.Sync = d.sync(log, rec)
+
+	ln, err := net.Listen("tcp", g.httpAddr)
+	if err != nil {
+		return err
+	}
+	srv := &http.Server{Handler: d.handler(), ReadHeaderTimeout: 5 * time.Second}
+	log.WithFields(logrus.Fields{"http": ln.Addr().String(), "mode": b.mode, "version": version}).
+		Info("berth started; " + joinInfo(be.info))
+
+	var wg sync.WaitGroup
+	run := func(f func()) { wg.Add(1); go func() { defer wg.Done(); f() }() }
+	run(func() { w.Run(ctx) })
+	run(func() { runner.Loop(ctx) })
+	run(func() {
+		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			log.WithError(err).Error("http server")
+		}
+	})
+	if be.nat != nil && b.canary > 0 {
+		run(func() { canaryLoop(ctx, log, be.nat, b.canary, d, runner.Trigger) })
+	}
+	<-ctx.Done()
+	log.Info("stopping; NAT rules stay in place and are adopted at the next start")
+	sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	srv.Shutdown(sctx)
+	wg.Wait()
+	return nil
+}
+
+func joinInfo(lines []string) string {
+	s := ""
+	for i, l := range lines {
+		if i > 0 {
+			s += "; "
+		}
+		s += l
+	}
+	return s
+}
+
+func logNotice(log logrus.FieldLogger, n watcher.Notice) {
+	switch n.Kind {
+	case "connected":
+		log.Info("docker event stream connected; relisting")
+	case "lost":
+		log.WithError(n.Err).Warn("docker event stream lost; reconnecting")
+	case "relisted":
+		log.WithField("containers", n.N).Debug("listed docker containers")
+	default:
+		log.WithError(n.Err).Warn(n.Kind)
+	}
+}
+
+// daemon holds what the HTTP handlers and the loops share.
+type daemon struct {
+	rec *reconcile.Reconciler
+	w   *watcher.Watcher
+
+	mu      sync.Mutex
+	lastErr string
+	synced  bool
+}
+
+// sync wraps Reconciler.Sync: it logs a failure once, not at every retry.
+func (d *daemon) sync(log logrus.FieldLogger, rec *reconcile.Reconciler) func(context.Context) error {
+	return func(ctx context.Context) error {
+		err := rec.Sync(ctx)
+		d.mu.Lock()
+		defer d.mu.Unlock()
+		msg := ""
+		if err != nil {
+			msg = err.Error()
+		}
+		switch {
+		case errors.Is(err, reconcile.ErrNotSynced):
+			return err
+		case err == nil && d.lastErr != "":
+			log.Info("sync succeeded again")
+		case err != nil && msg != d.lastErr:
+			log.WithError(err).Warn("sync left work undone; retrying with backoff")
+		}
+		if err == nil && !d.synced {
+			_, sum := rec.Status()
+			log.WithFields(logrus.Fields{"mappings": sum.Mappings, "installed": sum.Installed, "errors": sum.Errors}).
+				Info("first sync done")
+		}
+		d.synced = d.synced || err == nil
+		d.lastErr = msg
+		return err
+	}
+}
+
+func (d *daemon) handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/status", func(w http.ResponseWriter, _ *http.Request) {
+		rows, _ := d.rec.Status()
+		writeJSON(w, rows)
+	})
+	mux.HandleFunc("/status/summary", func(w http.ResponseWriter, _ *http.Request) {
+		_, sum := d.rec.Status()
+		writeJSON(w, sum)
+	})
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
+		d.mu.Lock()
+		ok := d.synced
+		d.mu.Unlock()
+		switch {
+		case !d.w.Connected():
+			http.Error(w, "docker unreachable", http.StatusServiceUnavailable)
+		case !ok:
+			http.Error(w, "first sync not done", http.StatusServiceUnavailable)
+		default:
+			w.Write([]byte("ok\n"))
+		}
+	})
+	return mux
+}
+
+func writeJSON(w http.ResponseWriter, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	enc.Encode(v)
+}
+
+// canaryLoop checks berth's NAT chains every interval; when someone flushed
+// them it restores the chains and triggers a full sync.
+func canaryLoop(ctx context.Context, log logrus.FieldLogger, nat natBackend, every time.Duration, d *daemon, trigger func()) {
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		ok, err := nat.Check(ctx)
+		if err != nil {
+			log.WithError(err).Warn("nat canary check failed")
+			continue
+		}
+		if ok {
+			continue
+		}
+		log.Warn("berth's NAT chains were flushed or removed (firewall reload?); reinstalling")
+		if err := nat.Ensure(ctx); err != nil {
+			log.WithError(err).Error("restoring nat chains")
+		}
+		d.rec.NoteFlushRecovery()
+		trigger()
+	}
+}
