@@ -161,7 +161,8 @@ func published(asked, did nat.PortMap) []Want {
 		if err != nil || cport < 1 || cport > 65535 {
 			continue
 		}
-		bothFamilies := false
+		// -P leaves no request: Docker publishes on every address then.
+		bothFamilies := len(asked[port]) == 0
 		for _, a := range asked[port] {
 			if a.HostIP == "" {
 				bothFamilies = true
