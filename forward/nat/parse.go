@@ -1,0 +1,305 @@
+package nat
+
+import (
+	"net/netip"
+	"slices"
+	"strconv"
+	"strings"
+
+	"github.com/berth-dev/berth/forward"
+)
+
+// saved is what one table of an iptables-save output holds of berth's.
+// Lines of other chains are skipped, except rules in built-in chains that
+// jump to berth or carry its comment.
+type saved struct {
+	table  string
+	chains map[string]bool     // BERTH-* chains declared
+	jumps  map[string][]string // built-in chain -> berth rules, as printed after "-A CHAIN "
+	rules  map[string][]string // BERTH-* chain -> its rules, as printed, in order
+}
+
+var builtins = map[string]bool{
+	"PREROUTING": true, "INPUT": true, "FORWARD": true, "OUTPUT": true, "POSTROUTING": true,
+}
+
+// parseSave reads the given table out of iptables-save output. It never
+// fails: what it cannot read as berth's is left out, and a missing table is
+// an empty one.
+func parseSave(text, table string) *saved {
+	s := &saved{table: table, chains: map[string]bool{}, jumps: map[string][]string{}, rules: map[string][]string{}}
+	in := false
+	for len(text) > 0 {
+		var line string
+		if i := strings.IndexByte(text, '\n'); i >= 0 {
+			line, text = text[:i], text[i+1:]
+		} else {
+			line, text = text, ""
+		}
+		line = strings.TrimRight(line, "\r")
+		switch {
+		case strings.HasPrefix(line, "*"):
+			in = line[1:] == table
+		case !in:
+		case line == "COMMIT":
+			in = false
+		case strings.HasPrefix(line, ":"+chainPrefix):
+			name, _, _ := strings.Cut(line[1:], " ")
+			s.chains[name] = true
+		case strings.HasPrefix(line, "-A "):
+			chain, rest, _ := strings.Cut(line[3:], " ")
+			if strings.HasPrefix(chain, chainPrefix) {
+				s.rules[chain] = append(s.rules[chain], rest)
+			} else if builtins[chain] && isBerthJump(rest) {
+				s.jumps[chain] = append(s.jumps[chain], rest)
+			}
+		}
+	}
+	return s
+}
+
+// isBerthJump reports whether a built-in chain's rule is berth's: it jumps
+// to a BERTH- chain or carries the bare "berth" comment.
+func isBerthJump(rest string) bool {
+	if !strings.Contains(rest, chainPrefix) && !strings.Contains(rest, ownComment) {
+		return false
+	}
+	toks, ok := tokenize(rest)
+	if !ok {
+		return false
+	}
+	for i := 0; i+1 < len(toks); i++ {
+		switch toks[i] {
+		case "-j", "-g":
+			if strings.HasPrefix(toks[i+1], chainPrefix) {
+				return true
+			}
+		case "--comment":
+			if toks[i+1] == ownComment {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// tokenize splits a rule the way iptables-save quotes it: tokens separated
+// by spaces, double quotes around a token with spaces, backslash escapes
+// inside quotes.
+func tokenize(s string) ([]string, bool) {
+	var toks []string
+	for i := 0; i < len(s); {
+		if s[i] == ' ' || s[i] == '\t' {
+			i++
+			continue
+		}
+		if s[i] != '"' {
+			j := i
+			for j < len(s) && s[j] != ' ' && s[j] != '\t' {
+				j++
+			}
+			toks = append(toks, s[i:j])
+			i = j
+			continue
+		}
+		var b strings.Builder
+		i++
+		closed := false
+		for i < len(s) {
+			c := s[i]
+			if c == '\\' && i+1 < len(s) {
+				b.WriteByte(s[i+1])
+				i += 2
+				continue
+			}
+			i++
+			if c == '"' {
+				closed = true
+				break
+			}
+			b.WriteByte(c)
+		}
+		if !closed {
+			return nil, false
+		}
+		toks = append(toks, b.String())
+	}
+	return toks, true
+}
+
+// sameSpec compares a printed rule with the one berth would write,
+// ignoring the order of options (iptables prints matches in its own order).
+func sameSpec(printed string, want spec) bool {
+	got, ok := tokenize(printed)
+	if !ok || len(got) != len(want) {
+		return false
+	}
+	w := slices.Clone([]string(want))
+	slices.Sort(got)
+	slices.Sort(w)
+	return slices.Equal(got, w)
+}
+
+// options reads a rule as option -> value pairs. Only the options berth
+// writes are accepted; anything else (a negation, a foreign match) makes the
+// rule not berth's shape.
+func options(printed string, allowed map[string]bool, modules map[string]bool) (map[string]string, bool) {
+	toks, ok := tokenize(printed)
+	if !ok {
+		return nil, false
+	}
+	opt := map[string]string{}
+	for i := 0; i < len(toks); i += 2 {
+		k := toks[i]
+		if i+1 >= len(toks) {
+			return nil, false
+		}
+		v := toks[i+1]
+		if k == "-m" {
+			if !modules[v] {
+				return nil, false
+			}
+			continue
+		}
+		if !allowed[k] {
+			return nil, false
+		}
+		if _, dup := opt[k]; dup {
+			return nil, false
+		}
+		opt[k] = v
+	}
+	return opt, true
+}
+
+var (
+	dnatOptions = map[string]bool{"-d": true, "-p": true, "--dport": true, "--comment": true, "-j": true, "--to-destination": true}
+	dnatModules = map[string]bool{"tcp": true, "udp": true, "sctp": true, "comment": true}
+	masqOptions = map[string]bool{"-s": true, "-d": true, "--comment": true, "-j": true}
+	comModules  = map[string]bool{"comment": true}
+)
+
+// parseDNAT reads a rule of a DNAT bucket back into the mapping it serves.
+// The rule's own matches are the truth; the comment gives only the
+// container id.
+func parseDNAT(printed string, v6 bool) (forward.Mapping, bool) {
+	var m forward.Mapping
+	opt, ok := options(printed, dnatOptions, dnatModules)
+	if !ok || opt["-j"] != "DNAT" {
+		return m, false
+	}
+	switch p := forward.Proto(opt["-p"]); p {
+	case forward.TCP, forward.UDP, forward.SCTP:
+		m.Proto = p
+	default:
+		return m, false
+	}
+	port, err := strconv.ParseUint(opt["--dport"], 10, 16)
+	if err != nil || port == 0 {
+		return m, false
+	}
+	m.HostPort = uint16(port)
+	if d, ok := opt["-d"]; ok {
+		p, err := netip.ParsePrefix(d)
+		if err != nil || p.Bits() != p.Addr().BitLen() || p.Addr().Is6() != v6 || p.Addr().IsUnspecified() {
+			return m, false
+		}
+		m.HostIP = p.Addr()
+	} else if v6 {
+		m.HostIP = netip.IPv6Unspecified()
+	} else {
+		m.HostIP = netip.IPv4Unspecified()
+	}
+	to, err := netip.ParseAddrPort(opt["--to-destination"])
+	if err != nil || to.Port() == 0 || to.Addr().Is6() != v6 || to.Addr().Zone() != "" {
+		return m, false
+	}
+	m.ContainerIP, m.ContainerPort = to.Addr(), to.Port()
+	id, ok := commentID(opt["--comment"])
+	if !ok {
+		return m, false
+	}
+	m.ContainerID = id
+	m.Mode = forward.ModeNAT
+	return m, true
+}
+
+// commentID takes the container id out of "berth <id> ...".
+func commentID(c string) (string, bool) {
+	f := strings.Fields(c)
+	if len(f) < 2 || f[0] != ownComment {
+		return "", false
+	}
+	if f[1] == "-" {
+		return "", true
+	}
+	return f[1], validID(f[1])
+}
+
+// parseMasq reads a rule of a MASQ bucket.
+func parseMasq(printed string, v6 bool) (masqRule, bool) {
+	var r masqRule
+	opt, ok := options(printed, masqOptions, comModules)
+	if !ok || opt["-j"] != "MASQUERADE" {
+		return r, false
+	}
+	f := strings.Fields(opt["--comment"])
+	if len(f) != 4 || f[0] != ownComment {
+		return r, false
+	}
+	id, ok := commentID(opt["--comment"])
+	if !ok {
+		return r, false
+	}
+	r.ContainerID = id
+	r.Kind = masqKind(f[2])
+	d, err := netip.ParsePrefix(opt["-d"])
+	if err != nil || d.Bits() != d.Addr().BitLen() || d.Addr().Is6() != v6 {
+		return r, false
+	}
+	r.IP = d.Addr()
+	s, err := netip.ParsePrefix(opt["-s"])
+	if err != nil {
+		return r, false
+	}
+	switch r.Kind {
+	case masqHairpin:
+		ok = s == d
+	case masqLocalhost:
+		ok = !v6 && s == loopback4
+	default:
+		ok = false
+	}
+	return r, ok
+}
+
+// parseEgress reads a rule of BERTH-EGRESS.
+func parseEgress(printed string) (egressRule, bool) {
+	var r egressRule
+	toks, ok := tokenize(printed)
+	if !ok {
+		return r, false
+	}
+	// -s P ! -o BR -m comment --comment "berth egress BR" -j MASQUERADE
+	want := egressRule{Bridge: "x"}.spec()
+	if len(toks) != len(want) {
+		return r, false
+	}
+	var sub, br string
+	for i := 0; i < len(toks); i++ {
+		switch {
+		case toks[i] == "-s" && i+1 < len(toks):
+			sub = toks[i+1]
+			i++
+		case toks[i] == "-o" && i+1 < len(toks):
+			br = toks[i+1]
+			i++
+		}
+	}
+	p, err := netip.ParsePrefix(sub)
+	if err != nil || br == "" {
+		return r, false
+	}
+	r = egressRule{p, br}
+	return r, sameSpec(printed, r.spec())
+}
