@@ -5,6 +5,10 @@
 // tell which container a forward reached.
 //
 //	echoserver -tcp 80,9000-9010 -udp 53 [-proxy-protocol]
+//	echoserver check -host ADDR -tcp 20000-20999 -expect NAME
+//
+// The check form is the client the demo and benchmarks use: it asks every
+// port and fails unless each answers with the expected name.
 package main
 
 import (
@@ -17,6 +21,9 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
 
 	proxyproto "github.com/pires/go-proxyproto"
 )
@@ -27,6 +34,9 @@ var (
 )
 
 func main() {
+	if len(os.Args) > 1 && os.Args[1] == "check" {
+		os.Exit(check(os.Args[2:]))
+	}
 	tcp := flag.String("tcp", "", "TCP ports: 80,9000-9010")
 	udp := flag.String("udp", "", "UDP ports")
 	flag.Parse()
@@ -137,4 +147,79 @@ func rest(data []byte, h *proxyproto.Header) int {
 		return 0
 	}
 	return len(data) - len(hb)
+}
+
+func check(args []string) int {
+	fs := flag.NewFlagSet("check", flag.ExitOnError)
+	host := fs.String("host", "127.0.0.1", "address to connect to")
+	tcp := fs.String("tcp", "", "TCP ports to ask")
+	udp := fs.String("udp", "", "UDP ports to ask")
+	expect := fs.String("expect", "", "name every answer must carry")
+	timeout := fs.Duration("timeout", 3*time.Second, "per port")
+	par := fs.Int("parallel", 32, "ports asked at once")
+	fs.Parse(args)
+	type job struct {
+		proto string
+		port  int
+	}
+	var jobs []job
+	for _, p := range ports(*tcp) {
+		jobs = append(jobs, job{"tcp", p})
+	}
+	for _, p := range ports(*udp) {
+		jobs = append(jobs, job{"udp", p})
+	}
+	start := time.Now()
+	var ok, bad atomic.Int64
+	var firstErr atomic.Value
+	sem := make(chan struct{}, *par)
+	var wg sync.WaitGroup
+	for _, j := range jobs {
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer func() { <-sem; wg.Done() }()
+			addr := net.JoinHostPort(*host, strconv.Itoa(j.port))
+			got, err := ask(j.proto, addr, *timeout)
+			if err == nil && *expect != "" && !strings.HasPrefix(got, *expect+" ") {
+				err = fmt.Errorf("%s %s answered %q, want %s", j.proto, addr, got, *expect)
+			}
+			if err != nil {
+				bad.Add(1)
+				firstErr.CompareAndSwap(nil, err.Error())
+				return
+			}
+			ok.Add(1)
+		}()
+	}
+	wg.Wait()
+	fmt.Printf("%d/%d ports on %s answered as %q in %v\n", ok.Load(), len(jobs), *host, *expect, time.Since(start).Round(time.Millisecond))
+	if bad.Load() > 0 {
+		fmt.Printf("%d failed; first: %v\n", bad.Load(), firstErr.Load())
+		return 1
+	}
+	return 0
+}
+
+func ask(proto, addr string, timeout time.Duration) (string, error) {
+	c, err := net.DialTimeout(proto, addr, timeout)
+	if err != nil {
+		return "", err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(timeout))
+	msg := "who?"
+	if proto == "tcp" {
+		msg += "\n"
+	}
+	if _, err := c.Write([]byte(msg)); err != nil {
+		return "", err
+	}
+	buf := make([]byte, 512)
+	if proto == "udp" {
+		n, err := c.Read(buf)
+		return strings.TrimSpace(string(buf[:n])), err
+	}
+	b, err := io.ReadAll(c)
+	return strings.TrimSpace(string(b)), err
 }
