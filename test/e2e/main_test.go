@@ -51,3 +51,8 @@ func hostState() []byte {
 	}
 	return b.Bytes()
 }
+
+func readFile(p string) string {
+	b, _ := os.ReadFile(p)
+	return string(b)
+}
