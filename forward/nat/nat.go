@@ -81,6 +81,9 @@ type family struct {
 	// ensured is true once chains and jumps were verified in both tables;
 	// Check failing or a write failing clears it.
 	ensured bool
+	// localnet are container addresses whose route_localnet could not be
+	// set; every Apply retries them while a mapping to them is installed.
+	localnet map[netip.Addr]bool
 }
 
 func (f *family) name() string {
@@ -615,12 +618,7 @@ func (t *Table) Apply(ctx context.Context, add, remove []forward.Mapping) error 
 			continue
 		}
 		udp = append(udp, p.udp...)
-		fail := enableRouteLocalnet(p.local)
-		for _, m := range adds[i] {
-			if err := fail[m.ContainerIP]; err != nil && needsLocalhost(m) {
-				errs = append(errs, &forward.MappingError{Mapping: m, Op: "add", Err: err})
-			}
-		}
+		errs = append(errs, f.routeLocalnet(p.local, adds[i])...)
 	}
 	if !t.noFlush {
 		if err := flushUDP(udp); err != nil {
@@ -658,6 +656,45 @@ func (t *Table) applyFamily(ctx context.Context, f *family, add, remove []forwar
 		return p, nil
 	}
 	return nil, last
+}
+
+// routeLocalnet enables route_localnet for newly added localhost-serving
+// mappings and retries earlier failures. A failure is reported against the
+// mappings of this call, or as a batch error for an earlier one, so the
+// reconciler keeps retrying until it works or the mapping is gone.
+func (f *family) routeLocalnet(ips []netip.Addr, adds []forward.Mapping) []error {
+	var retry []netip.Addr
+	if len(f.localnet) > 0 {
+		live := map[netip.Addr]bool{}
+		for m := range f.st.count {
+			if f.localnet[m.ContainerIP] && needsLocalhost(m) {
+				live[m.ContainerIP] = true
+			}
+		}
+		for ip := range live {
+			retry = append(retry, ip)
+		}
+		f.localnet = nil
+	}
+	fail := enableRouteLocalnet(dedupAddrs(append(retry, ips...)))
+	var errs []error
+	reported := map[netip.Addr]bool{}
+	for _, m := range adds {
+		if err := fail[m.ContainerIP]; err != nil && needsLocalhost(m) {
+			errs = append(errs, &forward.MappingError{Mapping: m, Op: "add", Err: err})
+			reported[m.ContainerIP] = true
+		}
+	}
+	for ip, err := range fail {
+		if f.localnet == nil {
+			f.localnet = map[netip.Addr]bool{}
+		}
+		f.localnet[ip] = true
+		if !reported[ip] {
+			errs = append(errs, fmt.Errorf("nat: localhost forwarding to %s: %w", ip, err))
+		}
+	}
+	return errs
 }
 
 // Rules is the iptables-restore input the next Apply(add, remove) would

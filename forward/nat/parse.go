@@ -87,7 +87,7 @@ func isBerthJump(rest string) bool {
 // by spaces, double quotes around a token with spaces, backslash escapes
 // inside quotes.
 func tokenize(s string) ([]string, bool) {
-	var toks []string
+	toks := make([]string, 0, 20)
 	for i := 0; i < len(s); {
 		if s[i] == ' ' || s[i] == '\t' {
 			i++
@@ -102,8 +102,19 @@ func tokenize(s string) ([]string, bool) {
 			i = j
 			continue
 		}
+		// quoted: without escapes the token is a substring
+		j := i + 1
+		for j < len(s) && s[j] != '"' && s[j] != '\\' {
+			j++
+		}
+		if j < len(s) && s[j] == '"' {
+			toks = append(toks, s[i+1:j])
+			i = j + 1
+			continue
+		}
 		var b strings.Builder
-		i++
+		b.WriteString(s[i+1 : j])
+		i = j
 		closed := false
 		for i < len(s) {
 			c := s[i]
@@ -140,67 +151,91 @@ func sameSpec(printed string, want spec) bool {
 	return slices.Equal(got, w)
 }
 
-// options reads a rule as option -> value pairs. Only the options berth
-// writes are accepted; anything else (a negation, a foreign match) makes the
-// rule not berth's shape.
-func options(printed string, allowed map[string]bool, modules map[string]bool) (map[string]string, bool) {
-	toks, ok := tokenize(printed)
-	if !ok {
-		return nil, false
-	}
-	opt := map[string]string{}
-	for i := 0; i < len(toks); i += 2 {
-		k := toks[i]
-		if i+1 >= len(toks) {
-			return nil, false
-		}
-		v := toks[i+1]
-		if k == "-m" {
-			if !modules[v] {
-				return nil, false
-			}
-			continue
-		}
-		if !allowed[k] {
-			return nil, false
-		}
-		if _, dup := opt[k]; dup {
-			return nil, false
-		}
-		opt[k] = v
-	}
-	return opt, true
+// ruleOpts are the options of a rule berth writes.
+type ruleOpts struct {
+	d, s, p, dport, comment, j, to string
 }
 
-var (
-	dnatOptions = map[string]bool{"-d": true, "-p": true, "--dport": true, "--comment": true, "-j": true, "--to-destination": true}
-	dnatModules = map[string]bool{"tcp": true, "udp": true, "sctp": true, "comment": true}
-	masqOptions = map[string]bool{"-s": true, "-d": true, "--comment": true, "-j": true}
-	comModules  = map[string]bool{"comment": true}
-)
+// options reads a rule as option -> value pairs. Only the options berth
+// writes are accepted, each once; anything else (a negation, a foreign
+// match) makes the rule not berth's shape.
+func options(printed string, dnat bool) (ruleOpts, bool) {
+	var o ruleOpts
+	toks, ok := tokenize(printed)
+	if !ok || len(toks)%2 != 0 {
+		return o, false
+	}
+	for i := 0; i < len(toks); i += 2 {
+		k, v := toks[i], toks[i+1]
+		var dst *string
+		switch k {
+		case "-m":
+			switch v {
+			case "tcp", "udp", "sctp":
+				if !dnat {
+					return o, false
+				}
+			case "comment":
+			default:
+				return o, false
+			}
+			continue
+		case "-d":
+			dst = &o.d
+		case "--comment":
+			dst = &o.comment
+		case "-j":
+			dst = &o.j
+		case "-s":
+			if dnat {
+				return o, false
+			}
+			dst = &o.s
+		case "-p", "--dport", "--to-destination":
+			if !dnat {
+				return o, false
+			}
+			switch k {
+			case "-p":
+				dst = &o.p
+			case "--dport":
+				dst = &o.dport
+			default:
+				dst = &o.to
+			}
+		default:
+			return o, false
+		}
+		if *dst != "" || v == "" {
+			return o, false
+		}
+		*dst = v
+	}
+	return o, true
+}
 
 // parseDNAT reads a rule of a DNAT bucket back into the mapping it serves.
 // The rule's own matches are the truth; the comment gives only the
 // container id.
 func parseDNAT(printed string, v6 bool) (forward.Mapping, bool) {
 	var m forward.Mapping
-	opt, ok := options(printed, dnatOptions, dnatModules)
-	if !ok || opt["-j"] != "DNAT" {
+	opt, ok := options(printed, true)
+	if !ok || opt.j != "DNAT" {
 		return m, false
 	}
-	switch p := forward.Proto(opt["-p"]); p {
+	switch p := forward.Proto(opt.p); p {
 	case forward.TCP, forward.UDP, forward.SCTP:
 		m.Proto = p
 	default:
 		return m, false
 	}
-	port, err := strconv.ParseUint(opt["--dport"], 10, 16)
+	port, err := strconv.ParseUint(opt.dport, 10, 16)
 	if err != nil || port == 0 {
 		return m, false
 	}
 	m.HostPort = uint16(port)
-	if d, ok := opt["-d"]; ok {
-		p, err := netip.ParsePrefix(d)
+	if opt.d != "" {
+		p, err := netip.ParsePrefix(opt.d)
 		if err != nil || p.Bits() != p.Addr().BitLen() || p.Addr().Is6() != v6 || p.Addr().IsUnspecified() {
 			return m, false
 		}
@@ -210,12 +245,12 @@ func parseDNAT(printed string, v6 bool) (forward.Mapping, bool) {
 	} else {
 		m.HostIP = netip.IPv4Unspecified()
 	}
-	to, err := netip.ParseAddrPort(opt["--to-destination"])
+	to, err := netip.ParseAddrPort(opt.to)
 	if err != nil || to.Port() == 0 || to.Addr().Is6() != v6 || to.Addr().Zone() != "" {
 		return m, false
 	}
 	m.ContainerIP, m.ContainerPort = to.Addr(), to.Port()
-	id, ok := commentID(opt["--comment"])
+	id, ok := commentID(opt.comment)
 	if !ok {
 		return m, false
 	}
@@ -239,26 +274,26 @@ func commentID(c string) (string, bool) {
 // parseMasq reads a rule of a MASQ bucket.
 func parseMasq(printed string, v6 bool) (masqRule, bool) {
 	var r masqRule
-	opt, ok := options(printed, masqOptions, comModules)
-	if !ok || opt["-j"] != "MASQUERADE" {
+	opt, ok := options(printed, false)
+	if !ok || opt.j != "MASQUERADE" {
 		return r, false
 	}
-	f := strings.Fields(opt["--comment"])
+	f := strings.Fields(opt.comment)
 	if len(f) != 4 || f[0] != ownComment {
 		return r, false
 	}
-	id, ok := commentID(opt["--comment"])
+	id, ok := commentID(opt.comment)
 	if !ok {
 		return r, false
 	}
 	r.ContainerID = id
 	r.Kind = masqKind(f[2])
-	d, err := netip.ParsePrefix(opt["-d"])
+	d, err := netip.ParsePrefix(opt.d)
 	if err != nil || d.Bits() != d.Addr().BitLen() || d.Addr().Is6() != v6 {
 		return r, false
 	}
 	r.IP = d.Addr()
-	s, err := netip.ParsePrefix(opt["-s"])
+	s, err := netip.ParsePrefix(opt.s)
 	if err != nil {
 		return r, false
 	}
