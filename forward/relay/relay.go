@@ -1,0 +1,468 @@
+// Package relay forwards host ports to containers in process, replacing
+// docker-proxy: one listening socket per mapping, TCP connections spliced
+// both ways with half-close kept, UDP datagrams through a flow table with one
+// connected upstream socket per client. It owns its listeners and nothing in
+// the kernel's tables; it is the backend that can take an IPv6 client to an
+// IPv4-only container.
+package relay
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/berth-dev/berth/forward"
+	"github.com/berth-dev/berth/forward/sockets"
+)
+
+// Options tune a Relay. Zero values take the defaults. The listen backlog is
+// the kernel's (net.core.somaxconn, which Go reads at start).
+type Options struct {
+	// DialTimeout bounds connecting to the container. Default 5s.
+	DialTimeout time.Duration
+	// UDPIdleTimeout ends a UDP flow after this long without a datagram
+	// either way. Default 90s, docker-proxy's value.
+	UDPIdleTimeout time.Duration
+	// MaxUDPFlows bounds the flow table of one mapping; datagrams from
+	// further clients are dropped and counted. Default 4096.
+	MaxUDPFlows int
+	// MaxConns bounds the open TCP connections of one mapping; further
+	// connections are reset and counted as drops. Default 4096.
+	MaxConns int
+	// Drain is how long open TCP connections may live on after their
+	// mapping is removed or moved to another container. 0 closes them at
+	// once.
+	Drain time.Duration
+}
+
+func (o Options) withDefaults() Options {
+	if o.DialTimeout <= 0 {
+		o.DialTimeout = 5 * time.Second
+	}
+	if o.UDPIdleTimeout <= 0 {
+		o.UDPIdleTimeout = 90 * time.Second
+	}
+	if o.MaxUDPFlows <= 0 {
+		o.MaxUDPFlows = 4096
+	}
+	if o.MaxConns <= 0 {
+		o.MaxConns = 4096
+	}
+	return o
+}
+
+// keepAlive is set on both legs of every TCP connection: a peer that
+// vanishes without a FIN or RST is noticed within about two minutes instead
+// of holding a connection slot (MaxConns) forever.
+var keepAlive = net.KeepAliveConfig{Enable: true, Idle: 60 * time.Second, Interval: 15 * time.Second, Count: 4}
+
+// Relay is an in-process forward.Forwarder. Apply and List are for one
+// goroutine at a time; Stats may be called concurrently with them.
+type Relay struct {
+	opts Options
+
+	mu        sync.Mutex
+	listeners map[forward.Key]*listener
+	draining  map[*listener]struct{} // removed, TCP connections still open
+	closed    bool
+
+	wg sync.WaitGroup // every goroutine the relay started
+}
+
+var (
+	_ forward.Forwarder     = (*Relay)(nil)
+	_ forward.StatsReporter = (*Relay)(nil)
+)
+
+// New returns a Relay with no mappings.
+func New(opts Options) *Relay {
+	return &Relay{
+		opts:      opts.withDefaults(),
+		listeners: map[forward.Key]*listener{},
+		draining:  map[*listener]struct{}{},
+	}
+}
+
+// Apply removes, then adds. A removal whose Key is added again with another
+// target keeps the listening socket and switches its target, so there is no
+// moment in which the port refuses connections; connections to the old
+// target end after Drain, UDP flows to it at once.
+func (r *Relay) Apply(ctx context.Context, add, remove []forward.Mapping) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.closed {
+		return errors.New("relay: closed")
+	}
+	var errs []error
+	adds := map[forward.Key]forward.Mapping{}
+	var order []forward.Mapping
+	for _, m := range add {
+		if prev, dup := adds[m.Key]; dup {
+			if prev != m {
+				errs = append(errs, &forward.MappingError{Mapping: m, Op: "add", Err: fmt.Errorf("%s is also added as %s in the same batch", m.Key, prev)})
+			}
+			continue
+		}
+		adds[m.Key] = m
+		order = append(order, m)
+	}
+	for _, m := range remove {
+		l := r.listeners[m.Key]
+		if l == nil || *l.mapping.Load() != m {
+			continue // absent: nothing to do
+		}
+		if n, ok := adds[m.Key]; ok && n == m {
+			continue // removed and added back: keep it as it is
+		} else if ok && check(n) == nil {
+			l.swap(n, r.opts.Drain)
+			continue
+		}
+		delete(r.listeners, m.Key)
+		r.shutdown(l, r.opts.Drain)
+	}
+	for _, m := range order {
+		if l := r.listeners[m.Key]; l != nil {
+			if cur := *l.mapping.Load(); cur != m {
+				errs = append(errs, &forward.MappingError{Mapping: m, Op: "add", Err: fmt.Errorf("port already forwarded to %s; remove that mapping first", cur.Target())})
+			}
+			continue
+		}
+		if err := ctx.Err(); err != nil {
+			errs = append(errs, &forward.MappingError{Mapping: m, Op: "add", Err: err})
+			continue
+		}
+		l, err := r.listen(m)
+		if err != nil {
+			errs = append(errs, &forward.MappingError{Mapping: m, Op: "add", Err: err})
+			continue
+		}
+		r.listeners[m.Key] = l
+	}
+	return errors.Join(errs...)
+}
+
+// List returns the mappings whose listening sockets are open.
+func (r *Relay) List(ctx context.Context) ([]forward.Mapping, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := make([]forward.Mapping, 0, len(r.listeners))
+	for _, l := range r.listeners {
+		if l.live.Load() {
+			out = append(out, *l.mapping.Load())
+		}
+	}
+	slices.SortFunc(out, func(a, b forward.Mapping) int {
+		if c := a.HostIP.Compare(b.HostIP); c != 0 {
+			return c
+		}
+		if a.HostPort != b.HostPort {
+			return int(a.HostPort) - int(b.HostPort)
+		}
+		return compareStr(string(a.Proto), string(b.Proto))
+	})
+	return out, nil
+}
+
+func compareStr(a, b string) int {
+	switch {
+	case a < b:
+		return -1
+	case a > b:
+		return 1
+	}
+	return 0
+}
+
+// Stats returns the counters of every installed mapping.
+func (r *Relay) Stats() map[forward.Key]forward.Stats {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := make(map[forward.Key]forward.Stats, len(r.listeners))
+	for k, l := range r.listeners {
+		out[k] = l.stats.snapshot()
+	}
+	return out
+}
+
+// Close stops every listener, ends every connection and flow, and waits for
+// them. The Relay cannot be used afterwards.
+func (r *Relay) Close() error {
+	r.mu.Lock()
+	r.closed = true
+	for k, l := range r.listeners {
+		delete(r.listeners, k)
+		r.shutdown(l, 0)
+	}
+	for l := range r.draining {
+		l.cancel()
+	}
+	r.mu.Unlock()
+	r.wg.Wait()
+	return nil
+}
+
+// counters are one mapping's forward.Stats, updated with atomics.
+type counters struct {
+	conns, bytesIn, bytesOut, flows, drops, errors atomic.Uint64
+	active                                         atomic.Int64
+}
+
+func (c *counters) snapshot() forward.Stats {
+	return forward.Stats{
+		Conns:     c.conns.Load(),
+		ActiveTCP: c.active.Load(),
+		BytesIn:   c.bytesIn.Load(),
+		BytesOut:  c.bytesOut.Load(),
+		Flows:     c.flows.Load(),
+		Drops:     c.drops.Load(),
+		Errors:    c.errors.Load(),
+	}
+}
+
+// listener is one mapping's socket and what hangs off it.
+type listener struct {
+	key  forward.Key
+	opts *Options
+	wg   *sync.WaitGroup // the relay's
+	// mapping is the current target; stored under mu so that a
+	// connection or flow registers with the mapping it really uses.
+	mapping atomic.Pointer[forward.Mapping]
+	stats   counters
+	live    atomic.Bool
+
+	tcp *net.TCPListener
+	udp *udpSocket
+
+	ctx    context.Context // ends every connection and flow of the mapping
+	cancel context.CancelFunc
+	stop   chan struct{} // closed before the socket is, to cut a backoff sleep
+	done   chan struct{} // closed when the serve loop has returned
+
+	mu    sync.Mutex
+	conns map[*tcpConn]struct{}
+	flows map[netip.AddrPort]*flow
+}
+
+// check rejects mappings the relay cannot serve before touching a socket.
+func check(m forward.Mapping) error {
+	switch {
+	case m.Proto != forward.TCP && m.Proto != forward.UDP:
+		return fmt.Errorf("relay forwards tcp and udp, not %q", m.Proto)
+	case !m.HostIP.IsValid() || m.HostPort == 0:
+		return errors.New("no host address or port")
+	case !m.ContainerIP.IsValid() || m.ContainerPort == 0:
+		return errors.New("no container address or port")
+	case m.ProxyProtocol != 0 && m.ProxyProtocol != 2:
+		return fmt.Errorf("PROXY protocol version %d not supported (want 2)", m.ProxyProtocol)
+	}
+	return nil
+}
+
+func (r *Relay) listen(m forward.Mapping) (*listener, error) {
+	if err := check(m); err != nil {
+		return nil, err
+	}
+	host := netip.AddrPortFrom(m.HostIP.Unmap(), m.HostPort)
+	network := string(m.Proto) + "4"
+	if m.Is6() {
+		network = string(m.Proto) + "6"
+	}
+	lc := net.ListenConfig{
+		KeepAliveConfig: keepAlive,
+		Control: func(network string, _ string, c syscall.RawConn) error {
+			return sockopts(c, m.Is6(), m.Proto == forward.UDP && host.Addr().IsUnspecified())
+		},
+	}
+	l := &listener{
+		key:   m.Key,
+		opts:  &r.opts,
+		wg:    &r.wg,
+		stop:  make(chan struct{}),
+		done:  make(chan struct{}),
+		conns: map[*tcpConn]struct{}{},
+	}
+	l.mapping.Store(&m)
+	switch m.Proto {
+	case forward.TCP:
+		ln, err := lc.Listen(context.Background(), network, host.String())
+		if err != nil {
+			return nil, bindError(m, err)
+		}
+		l.tcp = ln.(*net.TCPListener)
+	case forward.UDP:
+		pc, err := lc.ListenPacket(context.Background(), network, host.String())
+		if err != nil {
+			return nil, bindError(m, err)
+		}
+		u, err := newUDPSocket(pc.(*net.UDPConn), host)
+		if err != nil {
+			pc.Close()
+			return nil, err
+		}
+		l.udp = u
+		l.flows = map[netip.AddrPort]*flow{}
+	}
+	l.ctx, l.cancel = context.WithCancel(context.Background())
+	l.live.Store(true)
+	r.wg.Add(1)
+	if l.tcp != nil {
+		go l.serveTCP()
+	} else {
+		go l.serveUDP()
+	}
+	return l, nil
+}
+
+// sockopts runs before bind. IPV6_V6ONLY keeps [::]:P off the IPv4 side,
+// where dockerd or a NAT mapping may hold 0.0.0.0:P. PKTINFO on a wildcard
+// UDP socket tells which local address a datagram was sent to, so replies
+// leave from that address and not whatever the routing table picks.
+func sockopts(c syscall.RawConn, v6, pktinfo bool) error {
+	var serr error
+	err := c.Control(func(fd uintptr) {
+		if v6 {
+			if serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, 1); serr != nil {
+				serr = fmt.Errorf("IPV6_V6ONLY: %w", serr)
+				return
+			}
+		}
+		if pktinfo {
+			if v6 {
+				serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_IPV6, unix.IPV6_RECVPKTINFO, 1)
+			} else {
+				serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_IP, unix.IP_PKTINFO, 1)
+			}
+			if serr != nil {
+				serr = fmt.Errorf("PKTINFO: %w", serr)
+			}
+		}
+	})
+	if err != nil {
+		return err
+	}
+	return serr
+}
+
+// holder is sockets.Holder; tests stand in for dockerd.
+var holder = sockets.Holder
+
+// inUseError is EADDRINUSE with the holder of the port named.
+type inUseError struct {
+	msg string
+	err error
+}
+
+func (e *inUseError) Error() string { return e.msg }
+func (e *inUseError) Unwrap() error { return e.err }
+
+// bindError names who holds a port the relay could not bind, and what to do
+// about it. The relay never falls back to another mode on its own.
+func bindError(m forward.Mapping, err error) error {
+	if !errors.Is(err, syscall.EADDRINUSE) {
+		return err
+	}
+	msg := "listen: address already in use"
+	o, ok := holder(m.Proto, m.HostIP, m.HostPort)
+	switch {
+	case !ok:
+		msg += " (holder not found in /proc: a process in another pid namespace?)"
+	case o.Pid == os.Getpid():
+		msg += ", held by " + o.String() + ", this process (an overlapping mapping?)"
+	case o.Comm == "dockerd" || o.Comm == "docker-proxy":
+		msg += ", held by " + o.String() + "; dockerd reserves ports it publishes: use nat mode, or publish through the berth.ports label"
+	default:
+		msg += ", held by " + o.String()
+	}
+	return &inUseError{msg: msg, err: err}
+}
+
+// swap points the listener at n. Connections and flows still using the old
+// mapping are ended: TCP after drain, UDP at once.
+func (l *listener) swap(n forward.Mapping, drain time.Duration) {
+	l.mu.Lock()
+	l.mapping.Store(&n)
+	l.mu.Unlock()
+	if l.udp != nil {
+		l.endStale(true)
+		return
+	}
+	if drain <= 0 {
+		l.endStale(false)
+		return
+	}
+	time.AfterFunc(drain, func() { l.endStale(false) })
+}
+
+// endStale ends the connections (or flows) registered with a mapping other
+// than the current one; once the listener is shut down, every flow.
+func (l *listener) endStale(udp bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	cur := l.mapping.Load()
+	if udp {
+		for k, f := range l.flows {
+			if f.m != cur || !l.live.Load() {
+				delete(l.flows, k)
+				f.up.Close()
+			}
+		}
+		return
+	}
+	for c := range l.conns {
+		if c.m != cur {
+			c.cancel()
+		}
+	}
+}
+
+// shutdown closes the listening socket and waits until the port is free.
+// UDP flows end at once (their replies would have no socket to leave by);
+// TCP connections after drain. Called with r.mu held.
+func (r *Relay) shutdown(l *listener, drain time.Duration) {
+	l.live.Store(false)
+	close(l.stop)
+	if l.tcp != nil {
+		l.tcp.Close()
+	} else {
+		l.udp.conn.Close()
+	}
+	<-l.done
+	if l.udp != nil {
+		l.endStale(true)
+	}
+	if l.udp != nil || drain <= 0 {
+		l.cancel()
+		return
+	}
+	r.draining[l] = struct{}{}
+	time.AfterFunc(drain, func() {
+		l.cancel()
+		r.mu.Lock()
+		delete(r.draining, l)
+		r.mu.Unlock()
+	})
+}
+
+// backoff sleeps after a failed accept or read (EMFILE, ENOBUFS) so the loop
+// does not spin, and reports false when the listener is stopping.
+func (l *listener) backoff(delay *time.Duration) bool {
+	*delay = min(max(2**delay, 5*time.Millisecond), time.Second)
+	t := time.NewTimer(*delay)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-l.stop:
+		return false
+	}
+}

@@ -1,0 +1,644 @@
+package relay
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	proxyproto "github.com/pires/go-proxyproto"
+
+	"github.com/berth-dev/berth/forward"
+	"github.com/berth-dev/berth/forward/forwardtest"
+	"github.com/berth-dev/berth/forward/sockets"
+	"github.com/berth-dev/berth/test/netns"
+)
+
+func TestMain(m *testing.M) { os.Exit(netns.Run(m)) }
+
+var ip = netip.MustParseAddr
+
+func TestConformance(t *testing.T) {
+	for _, tc := range []struct{ name, key, client, target string }{
+		{"v4 wildcard", "0.0.0.0", "127.0.0.1", "127.0.0.1"},
+		{"v4 address", "127.0.0.1", "127.0.0.1", "127.0.0.1"},
+		{"v6 wildcard to v4", "::", "::1", "127.0.0.1"},
+		{"v6 to v6", "::1", "::1", "::1"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			forwardtest.Run(t, func(t *testing.T) forwardtest.Env {
+				netns.Require(t)
+				r := New(Options{DialTimeout: time.Second})
+				t.Cleanup(func() { r.Close() })
+				return forwardtest.Env{
+					Forwarder: r,
+					Mode:      forward.ModeRelay,
+					KeyIP:     ip(tc.key),
+					ClientIP:  ip(tc.client),
+					TargetIP:  ip(tc.target),
+				}
+			})
+		})
+	}
+}
+
+// newRelay starts a relay that the test closes.
+func newRelay(t *testing.T, o Options) *Relay {
+	t.Helper()
+	netns.Require(t)
+	r := New(o)
+	t.Cleanup(func() { r.Close() })
+	return r
+}
+
+func mapping(proto forward.Proto, host string, target netip.AddrPort) forward.Mapping {
+	return forward.Mapping{
+		Key:           forward.Key{Proto: proto, HostIP: ip(host), HostPort: forwardtest.Port()},
+		ContainerIP:   target.Addr(),
+		ContainerPort: target.Port(),
+		ContainerID:   "c0ffee",
+		Mode:          forward.ModeRelay,
+	}
+}
+
+func mustApply(t *testing.T, r *Relay, add, remove []forward.Mapping) {
+	t.Helper()
+	if err := r.Apply(context.Background(), add, remove); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// lineEcho is a TCP server on 127.0.0.1 that echoes lines and keeps the
+// connection open.
+func lineEcho(t *testing.T) netip.AddrPort {
+	t.Helper()
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				io.Copy(c, c)
+			}()
+		}
+	}()
+	return ln.Addr().(*net.TCPAddr).AddrPort()
+}
+
+// udpEcho answers every datagram with itself.
+func udpEcho(t *testing.T) netip.AddrPort {
+	t.Helper()
+	pc, err := net.ListenPacket("udp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { pc.Close() })
+	go func() {
+		buf := make([]byte, 65536)
+		for {
+			n, from, err := pc.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			pc.WriteTo(buf[:n], from)
+		}
+	}()
+	return pc.LocalAddr().(*net.UDPAddr).AddrPort()
+}
+
+func hostAddr(client string, m forward.Mapping) string {
+	return netip.AddrPortFrom(ip(client), m.HostPort).String()
+}
+
+// roundTrip writes a line and reads it back.
+func roundTrip(c net.Conn, s string) error {
+	c.SetDeadline(time.Now().Add(2 * time.Second))
+	if _, err := io.WriteString(c, s+"\n"); err != nil {
+		return err
+	}
+	got, err := bufio.NewReader(c).ReadString('\n')
+	if err != nil {
+		return err
+	}
+	if got != s+"\n" {
+		return fmt.Errorf("got %q, want %q", got, s)
+	}
+	return nil
+}
+
+// udpRoundTrip sends s and expects it back.
+func udpRoundTrip(c net.Conn, s string) error {
+	c.SetDeadline(time.Now().Add(2 * time.Second))
+	if _, err := io.WriteString(c, s); err != nil {
+		return err
+	}
+	buf := make([]byte, 2048)
+	n, err := c.Read(buf)
+	if err != nil {
+		return err
+	}
+	if string(buf[:n]) != s {
+		return fmt.Errorf("got %q, want %q", buf[:n], s)
+	}
+	return nil
+}
+
+// expectClosed waits for the relay to end c.
+func expectClosed(t *testing.T, c net.Conn, within time.Duration) {
+	t.Helper()
+	c.SetReadDeadline(time.Now().Add(within))
+	_, err := c.Read(make([]byte, 1))
+	if err == nil {
+		t.Fatal("connection still open: read returned data")
+	}
+	if ne, ok := err.(net.Error); ok && ne.Timeout() {
+		t.Fatalf("connection still open after %v", within)
+	}
+}
+
+// eventually polls cond for up to two seconds.
+func eventually(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(2 * time.Second); !cond(); {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func TestV6OnlyLeavesIPv4Free(t *testing.T) {
+	r := newRelay(t, Options{})
+	tm := mapping(forward.TCP, "::", lineEcho(t))
+	um := mapping(forward.UDP, "::", udpEcho(t))
+	um.HostPort = tm.HostPort
+	mustApply(t, r, []forward.Mapping{tm, um}, nil)
+	// dockerd (or a NAT mapping) holds 0.0.0.0:P while berth serves [::]:P.
+	ln, err := net.Listen("tcp4", fmt.Sprintf("0.0.0.0:%d", tm.HostPort))
+	if err != nil {
+		t.Fatalf("IPv4 side of the port taken by the [::] listener: %v", err)
+	}
+	ln.Close()
+	pc, err := net.ListenPacket("udp4", fmt.Sprintf("0.0.0.0:%d", um.HostPort))
+	if err != nil {
+		t.Fatalf("IPv4 side of the UDP port taken by the [::] socket: %v", err)
+	}
+	pc.Close()
+}
+
+// TestIPv6ToIPv4 is the reason the relay exists: an IPv6 client reaches an
+// IPv4-only container.
+func TestIPv6ToIPv4(t *testing.T) {
+	r := newRelay(t, Options{})
+	tm := mapping(forward.TCP, "::1", lineEcho(t))
+	um := mapping(forward.UDP, "::1", udpEcho(t))
+	mustApply(t, r, []forward.Mapping{tm, um}, nil)
+	c, err := net.Dial("tcp6", hostAddr("::1", tm))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := roundTrip(c, "hello over v6"); err != nil {
+		t.Fatal(err)
+	}
+	u, err := net.Dial("udp6", hostAddr("::1", um))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer u.Close()
+	if err := udpRoundTrip(u, "datagram over v6"); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// proxyEchoTCP reads a PROXY v2 header and answers "src dst".
+func proxyEchoTCP(t *testing.T) netip.AddrPort {
+	t.Helper()
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				c.SetDeadline(time.Now().Add(3 * time.Second))
+				h, err := proxyproto.Read(bufio.NewReader(c))
+				if err != nil {
+					fmt.Fprintf(c, "error %v", err)
+					return
+				}
+				fmt.Fprintf(c, "%s %s", h.SourceAddr, h.DestinationAddr)
+			}()
+		}
+	}()
+	return ln.Addr().(*net.TCPAddr).AddrPort()
+}
+
+// proxyEchoUDP answers each datagram with "src dst payload" from its header.
+func proxyEchoUDP(t *testing.T) netip.AddrPort {
+	t.Helper()
+	pc, err := net.ListenPacket("udp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { pc.Close() })
+	go func() {
+		buf := make([]byte, 65536)
+		for {
+			n, from, err := pc.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			br := bufio.NewReader(bytes.NewReader(buf[:n]))
+			h, err := proxyproto.Read(br)
+			if err != nil {
+				pc.WriteTo([]byte("error "+err.Error()), from)
+				continue
+			}
+			rest, _ := io.ReadAll(br)
+			pc.WriteTo(fmt.Appendf(nil, "%t %s %s %s", h.TransportProtocol.IsDatagram(), h.SourceAddr, h.DestinationAddr, rest), from)
+		}
+	}()
+	return pc.LocalAddr().(*net.UDPAddr).AddrPort()
+}
+
+func TestProxyProtocolV2(t *testing.T) {
+	r := newRelay(t, Options{})
+	for _, tc := range []struct{ key, client string }{
+		{"0.0.0.0", "127.0.0.1"}, // wildcard: the destination comes from the socket (TCP) or PKTINFO (UDP)
+		{"::", "::1"},
+		{"::1", "::1"},
+	} {
+		t.Run(tc.key, func(t *testing.T) {
+			tm := mapping(forward.TCP, tc.key, proxyEchoTCP(t))
+			um := mapping(forward.UDP, tc.key, proxyEchoUDP(t))
+			tm.ProxyProtocol, um.ProxyProtocol = 2, 2
+			mustApply(t, r, []forward.Mapping{tm, um}, nil)
+			defer mustApply(t, r, nil, []forward.Mapping{tm, um})
+
+			c, err := net.Dial("tcp", hostAddr(tc.client, tm))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			c.SetDeadline(time.Now().Add(3 * time.Second))
+			got, err := io.ReadAll(c)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if want := c.LocalAddr().String() + " " + hostAddr(tc.client, tm); string(got) != want {
+				t.Errorf("tcp: upstream saw %q, want %q", got, want)
+			}
+
+			u, err := net.Dial("udp", hostAddr(tc.client, um))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer u.Close()
+			u.SetDeadline(time.Now().Add(3 * time.Second))
+			for _, p := range []string{"first", "second"} { // every datagram has the header
+				if _, err := io.WriteString(u, p); err != nil {
+					t.Fatal(err)
+				}
+				buf := make([]byte, 2048)
+				n, err := u.Read(buf)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if want := "true " + u.LocalAddr().String() + " " + hostAddr(tc.client, um) + " " + p; string(buf[:n]) != want {
+					t.Errorf("udp: upstream saw %q, want %q", buf[:n], want)
+				}
+			}
+		})
+	}
+}
+
+func TestBindConflictNamesHolder(t *testing.T) {
+	r := newRelay(t, Options{})
+	comm, err := os.ReadFile("/proc/self/comm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	held := mapping(forward.TCP, "0.0.0.0", lineEcho(t))
+	ln, err := net.Listen("tcp4", fmt.Sprintf("127.0.0.1:%d", held.HostPort))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	heldU := mapping(forward.UDP, "::", udpEcho(t))
+	pc, err := net.ListenPacket("udp6", fmt.Sprintf("[::1]:%d", heldU.HostPort))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	free := mapping(forward.TCP, "127.0.0.1", lineEcho(t))
+
+	err = r.Apply(context.Background(), []forward.Mapping{held, free, heldU}, nil)
+	per, batch := forward.SplitErrors(err)
+	if batch != nil || len(per) != 2 || per[held] == nil || per[heldU] == nil {
+		t.Fatalf("want errors for %s and %s only, got %v", held, heldU, err)
+	}
+	owner := fmt.Sprintf("held by pid %d (%s)", os.Getpid(), strings.TrimSpace(string(comm)))
+	for _, m := range []forward.Mapping{held, heldU} {
+		msg := per[m].Error()
+		t.Log(msg)
+		if !strings.HasPrefix(msg, m.String()+": add: listen: address already in use") || !strings.Contains(msg, owner) {
+			t.Errorf("error %q does not say what is in use and %q", msg, owner)
+		}
+		if !errors.Is(per[m], syscall.EADDRINUSE) {
+			t.Errorf("error %q is not EADDRINUSE", msg)
+		}
+	}
+	got, _ := r.List(context.Background())
+	if len(got) != 1 || got[0] != free {
+		t.Fatalf("List = %v, want only %s", got, free)
+	}
+}
+
+func TestBindErrorText(t *testing.T) {
+	m := forward.Mapping{
+		Key:         forward.Key{Proto: forward.TCP, HostIP: ip("0.0.0.0"), HostPort: 8080},
+		ContainerIP: ip("172.17.0.2"), ContainerPort: 80, ContainerID: "abc",
+	}
+	defer func(h func(forward.Proto, netip.Addr, uint16) (sockets.Owner, bool)) { holder = h }(holder)
+	for _, tc := range []struct {
+		owner sockets.Owner
+		found bool
+		want  string
+	}{
+		{sockets.Owner{Pid: 812, Comm: "dockerd"}, true, "tcp 0.0.0.0:8080 -> 172.17.0.2:80 (abc): add: listen: address already in use, held by pid 812 (dockerd); dockerd reserves ports it publishes: use nat mode, or publish through the berth.ports label"},
+		{sockets.Owner{Pid: 77, Comm: "nginx"}, true, "tcp 0.0.0.0:8080 -> 172.17.0.2:80 (abc): add: listen: address already in use, held by pid 77 (nginx)"},
+		{sockets.Owner{}, false, "tcp 0.0.0.0:8080 -> 172.17.0.2:80 (abc): add: listen: address already in use (holder not found in /proc: a process in another pid namespace?)"},
+	} {
+		holder = func(forward.Proto, netip.Addr, uint16) (sockets.Owner, bool) { return tc.owner, tc.found }
+		err := &forward.MappingError{Mapping: m, Op: "add", Err: bindError(m, &net.OpError{Op: "listen", Net: "tcp4", Err: os.NewSyscallError("bind", syscall.EADDRINUSE)})}
+		if err.Error() != tc.want {
+			t.Errorf("got  %s\nwant %s", err, tc.want)
+		}
+		if !errors.Is(err, syscall.EADDRINUSE) {
+			t.Errorf("%v is not EADDRINUSE", err)
+		}
+	}
+	// Not in use: any other error passes through unchanged.
+	other := errors.New("listen tcp4 0.0.0.0:8080: bind: permission denied")
+	if got := bindError(m, other); got != other {
+		t.Errorf("bindError changed %v into %v", other, got)
+	}
+}
+
+func TestUDPFlowLimit(t *testing.T) {
+	const max, extra = 4, 3
+	r := newRelay(t, Options{MaxUDPFlows: max})
+	m := mapping(forward.UDP, "127.0.0.1", udpEcho(t))
+	mustApply(t, r, []forward.Mapping{m}, nil)
+	for i := range max + extra {
+		c, err := net.Dial("udp4", hostAddr("127.0.0.1", m))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		if i < max {
+			if err := udpRoundTrip(c, fmt.Sprintf("client %d", i)); err != nil {
+				t.Fatalf("client %d: %v", i, err)
+			}
+			continue
+		}
+		if _, err := io.WriteString(c, "over the limit"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	eventually(t, "drops", func() bool { return r.Stats()[m.Key].Drops == extra })
+	st := r.Stats()[m.Key]
+	if st.Drops != extra || st.Flows != max {
+		t.Fatalf("stats %+v: want %d drops and %d flows", st, extra, max)
+	}
+}
+
+func (r *Relay) flowCount(k forward.Key) int {
+	r.mu.Lock()
+	l := r.listeners[k]
+	r.mu.Unlock()
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return len(l.flows)
+}
+
+func TestUDPIdleTimeout(t *testing.T) {
+	r := newRelay(t, Options{UDPIdleTimeout: 200 * time.Millisecond})
+	m := mapping(forward.UDP, "0.0.0.0", udpEcho(t))
+	mustApply(t, r, []forward.Mapping{m}, nil)
+	for i := range 3 {
+		c, err := net.Dial("udp4", hostAddr("127.0.0.1", m))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		if err := udpRoundTrip(c, fmt.Sprint("flow ", i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := r.flowCount(m.Key); n != 3 {
+		t.Fatalf("%d flows, want 3", n)
+	}
+	// A flow with traffic outlives the timeout.
+	busy, err := net.Dial("udp4", hostAddr("127.0.0.1", m))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	for range 5 {
+		if err := udpRoundTrip(busy, "busy"); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(80 * time.Millisecond)
+	}
+	if n := r.flowCount(m.Key); n != 1 {
+		t.Fatalf("%d flows after the idle ones expired, want the busy one", n)
+	}
+	eventually(t, "flows to expire", func() bool { return r.flowCount(m.Key) == 0 })
+}
+
+func TestRemoveClosesConnections(t *testing.T) {
+	r := newRelay(t, Options{})
+	m := mapping(forward.TCP, "127.0.0.1", lineEcho(t))
+	mustApply(t, r, []forward.Mapping{m}, nil)
+	c, err := net.Dial("tcp4", hostAddr("127.0.0.1", m))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := roundTrip(c, "before"); err != nil {
+		t.Fatal(err)
+	}
+	mustApply(t, r, nil, []forward.Mapping{m})
+	expectClosed(t, c, time.Second)
+	eventually(t, "goroutines to end", func() bool { return r.Stats()[m.Key].ActiveTCP == 0 })
+}
+
+func TestDrainKeepsConnectionsForAWhile(t *testing.T) {
+	const drain = 300 * time.Millisecond
+	r := newRelay(t, Options{Drain: drain})
+	m := mapping(forward.TCP, "127.0.0.1", lineEcho(t))
+	mustApply(t, r, []forward.Mapping{m}, nil)
+	c, err := net.Dial("tcp4", hostAddr("127.0.0.1", m))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	removed := time.Now()
+	mustApply(t, r, nil, []forward.Mapping{m})
+	if _, err := net.DialTimeout("tcp4", hostAddr("127.0.0.1", m), time.Second); err == nil {
+		t.Fatal("new connection accepted after removal")
+	}
+	if err := roundTrip(c, "during drain"); err != nil {
+		t.Fatalf("open connection ended before the drain: %v", err)
+	}
+	expectClosed(t, c, 2*time.Second)
+	if d := time.Since(removed); d < drain {
+		t.Fatalf("closed after %v, before the %v drain", d, drain)
+	}
+}
+
+// TestMoveKeepsListener checks the target swap: the same socket serves the
+// new target, and a connection to the old one is ended (Drain 0).
+func TestMoveKeepsListener(t *testing.T) {
+	r := newRelay(t, Options{})
+	old := mapping(forward.TCP, "127.0.0.1", lineEcho(t))
+	mustApply(t, r, []forward.Mapping{old}, nil)
+	before := r.listeners[old.Key]
+	c, err := net.Dial("tcp4", hostAddr("127.0.0.1", old))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := roundTrip(c, "to old"); err != nil {
+		t.Fatal(err)
+	}
+	moved := old
+	target := lineEcho(t)
+	moved.ContainerIP, moved.ContainerPort = target.Addr(), target.Port()
+	mustApply(t, r, []forward.Mapping{moved}, []forward.Mapping{old})
+	if r.listeners[old.Key] != before {
+		t.Fatal("listener replaced, not switched")
+	}
+	expectClosed(t, c, time.Second)
+	c2, err := net.Dial("tcp4", hostAddr("127.0.0.1", moved))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c2.Close()
+	if err := roundTrip(c2, "to new"); err != nil {
+		t.Fatal(err)
+	}
+	got, _ := r.List(context.Background())
+	if len(got) != 1 || got[0] != moved {
+		t.Fatalf("List = %v, want %s", got, moved)
+	}
+	// Adding the key with a third target without removing the second is a
+	// conflict, not a silent replacement.
+	third := moved
+	third.ContainerPort++
+	if err := r.Apply(context.Background(), []forward.Mapping{third}, nil); err == nil || !strings.Contains(err.Error(), "already forwarded") {
+		t.Fatalf("conflicting add: %v", err)
+	}
+}
+
+func TestMaxConns(t *testing.T) {
+	r := newRelay(t, Options{MaxConns: 2})
+	m := mapping(forward.TCP, "127.0.0.1", lineEcho(t))
+	mustApply(t, r, []forward.Mapping{m}, nil)
+	for i := range 2 {
+		c, err := net.Dial("tcp4", hostAddr("127.0.0.1", m))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		if err := roundTrip(c, fmt.Sprint("conn ", i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c, err := net.Dial("tcp4", hostAddr("127.0.0.1", m))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	expectClosed(t, c, time.Second)
+	if st := r.Stats()[m.Key]; st.Drops != 1 || st.Conns != 2 || st.ActiveTCP != 2 {
+		t.Fatalf("stats %+v: want 1 drop, 2 connections open", st)
+	}
+}
+
+func TestStatsCountBytes(t *testing.T) {
+	r := newRelay(t, Options{})
+	tm := mapping(forward.TCP, "127.0.0.1", lineEcho(t))
+	um := mapping(forward.UDP, "127.0.0.1", udpEcho(t))
+	mustApply(t, r, []forward.Mapping{tm, um}, nil)
+
+	c, err := net.Dial("tcp4", hostAddr("127.0.0.1", tm))
+	if err != nil {
+		t.Fatal(err)
+	}
+	big := strings.Repeat("x", 700<<10) // more than one splice chunk
+	if err := roundTrip(c, big); err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	u, err := net.Dial("udp4", hostAddr("127.0.0.1", um))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer u.Close()
+	for range 3 {
+		if err := udpRoundTrip(u, "0123456789"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	eventually(t, "the connection to end", func() bool { return r.Stats()[tm.Key].ActiveTCP == 0 })
+	ts, us := r.Stats()[tm.Key], r.Stats()[um.Key]
+	n := uint64(len(big) + 1)
+	if ts.Conns != 1 || ts.BytesIn != n || ts.BytesOut != n || ts.Errors != 0 {
+		t.Errorf("tcp stats %+v, want 1 connection, %d bytes each way, no errors", ts, n)
+	}
+	if us.Flows != 1 || us.BytesIn != 30 || us.BytesOut != 30 || us.Drops != 0 || us.Errors != 0 {
+		t.Errorf("udp stats %+v, want 1 flow, 30 bytes each way", us)
+	}
+}
+
+func TestApplyRejectsBadMappings(t *testing.T) {
+	r := newRelay(t, Options{})
+	good := mapping(forward.TCP, "127.0.0.1", lineEcho(t))
+	sctp := mapping(forward.SCTP, "127.0.0.1", netip.MustParseAddrPort("127.0.0.1:9"))
+	pp1 := mapping(forward.TCP, "127.0.0.1", netip.MustParseAddrPort("127.0.0.1:9"))
+	pp1.ProxyProtocol = 1
+	err := r.Apply(context.Background(), []forward.Mapping{sctp, good, pp1}, nil)
+	per, batch := forward.SplitErrors(err)
+	if batch != nil || len(per) != 2 || per[sctp] == nil || per[pp1] == nil {
+		t.Fatalf("got %v", err)
+	}
+	got, _ := r.List(context.Background())
+	if len(got) != 1 || got[0] != good {
+		t.Fatalf("List = %v, want %s", got, good)
+	}
+}
