@@ -13,6 +13,8 @@ import (
 
 	"github.com/berth-dev/berth/reconcile"
 	"github.com/berth-dev/berth/watcher"
+	sd "github.com/coreos/go-systemd/v22/daemon"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/sirupsen/logrus"
 	"github.com/spf13/cobra"
 )
@@ -48,13 +50,15 @@ func runDaemon(ctx context.Context, g *globalFlags, b *backendFlags) error {
 	defer be.relay.Close()
 
 	runner := &reconcile.Runner{MinInterval: b.minSync, MaxInterval: b.resync}
-	w, err := b.newWatcher(cli, runner.Trigger, func(n watcher.Notice) { logNotice(log, n) })
+	d := &daemon{}
+	w, err := b.newWatcher(cli, runner.Trigger, func(n watcher.Notice) { d.notice(log, n) })
 	if err != nil {
 		return err
 	}
 	rec := reconcile.New(w, be.opts)
 	rec.SetInfo(be.info...)
-	d := &daemon{rec: rec, w: w}
+	d.rec, d.w = rec, w
+	d.m = newMetrics(rec, be.relay)
 	runner.Sync = d.sync(log, rec)
 
 	ln, err := net.Listen("tcp", g.httpAddr)
@@ -77,7 +81,9 @@ func runDaemon(ctx context.Context, g *globalFlags, b *backendFlags) error {
 	if be.nat != nil && b.canary > 0 {
 		run(func() { canaryLoop(ctx, log, be.nat, b.canary, d, runner.Trigger) })
 	}
+	run(func() { d.watchdog(ctx, log, b.resync) })
 	<-ctx.Done()
+	sdNotify(log, sd.SdNotifyStopping)
 	log.Info("stopping; NAT rules stay in place and are adopted at the next start")
 	sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
@@ -97,12 +103,21 @@ func joinInfo(lines []string) string {
 	return s
 }
 
-func logNotice(log logrus.FieldLogger, n watcher.Notice) {
+func (d *daemon) notice(log logrus.FieldLogger, n watcher.Notice) {
 	switch n.Kind {
 	case "connected":
 		log.Info("docker event stream connected; relisting")
 	case "lost":
+		if d.m != nil {
+			d.m.reconnects.Inc()
+			d.m.errors.WithLabelValues("docker").Inc()
+		}
 		log.WithError(n.Err).Warn("docker event stream lost; reconnecting")
+	case "inspect-failed":
+		if d.m != nil {
+			d.m.errors.WithLabelValues("inspect").Inc()
+		}
+		log.WithError(n.Err).Warn("inspect failed")
 	case "relisted":
 		log.WithField("containers", n.N).Debug("listed docker containers")
 	default:
@@ -114,21 +129,28 @@ func logNotice(log logrus.FieldLogger, n watcher.Notice) {
 type daemon struct {
 	rec *reconcile.Reconciler
 	w   *watcher.Watcher
+	m   *metrics
 
-	mu      sync.Mutex
-	lastErr string
-	synced  bool
+	mu       sync.Mutex
+	lastErr  string
+	synced   bool
+	lastLoop time.Time // when a sync last finished, for the watchdog
 }
 
 // sync wraps Reconciler.Sync: it logs a failure once, not at every retry.
 func (d *daemon) sync(log logrus.FieldLogger, rec *reconcile.Reconciler) func(context.Context) error {
 	return func(ctx context.Context) error {
+		start := time.Now()
 		err := rec.Sync(ctx)
 		d.mu.Lock()
 		defer d.mu.Unlock()
+		d.lastLoop = time.Now()
 		msg := ""
 		if err != nil {
 			msg = err.Error()
+		}
+		if !errors.Is(err, reconcile.ErrNotSynced) {
+			d.m.observeSync(time.Since(start), err)
 		}
 		switch {
 		case errors.Is(err, reconcile.ErrNotSynced):
@@ -142,6 +164,7 @@ func (d *daemon) sync(log logrus.FieldLogger, rec *reconcile.Reconciler) func(co
 			_, sum := rec.Status()
 			log.WithFields(logrus.Fields{"mappings": sum.Mappings, "installed": sum.Installed, "errors": sum.Errors}).
 				Info("first sync done")
+			sdNotify(log, sd.SdNotifyReady)
 		}
 		d.synced = d.synced || err == nil
 		d.lastErr = msg
@@ -159,6 +182,7 @@ func (d *daemon) handler() http.Handler {
 		_, sum := d.rec.Status()
 		writeJSON(w, sum)
 	})
+	mux.Handle("/metrics", promhttp.HandlerFor(d.m.reg, promhttp.HandlerOpts{}))
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
 		d.mu.Lock()
 		ok := d.synced
@@ -195,6 +219,7 @@ func canaryLoop(ctx context.Context, log logrus.FieldLogger, nat natBackend, eve
 		}
 		ok, err := nat.Check(ctx)
 		if err != nil {
+			d.m.errors.WithLabelValues("canary").Inc()
 			log.WithError(err).Warn("nat canary check failed")
 			continue
 		}
@@ -206,6 +231,41 @@ func canaryLoop(ctx context.Context, log logrus.FieldLogger, nat natBackend, eve
 			log.WithError(err).Error("restoring nat chains")
 		}
 		d.rec.NoteFlushRecovery()
+		d.m.flushRecoveries.Inc()
 		trigger()
+	}
+}
+
+// sdNotify tells systemd (Type=notify) about state changes; a no-op
+// outside systemd.
+func sdNotify(log logrus.FieldLogger, state string) {
+	if _, err := sd.SdNotify(false, state); err != nil {
+		log.WithError(err).Debug("sd_notify")
+	}
+}
+
+// watchdog pings systemd's watchdog while the sync loop is alive: a sync
+// must have finished within two resync intervals (the loop's longest
+// sleep) plus a margin. A hung loop stops the pings and systemd restarts
+// berth.
+func (d *daemon) watchdog(ctx context.Context, log logrus.FieldLogger, resync time.Duration) {
+	every, err := sd.SdWatchdogEnabled(false)
+	if err != nil || every <= 0 {
+		return
+	}
+	t := time.NewTicker(every / 2)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		d.mu.Lock()
+		last := d.lastLoop
+		d.mu.Unlock()
+		if !last.IsZero() && time.Since(last) < 2*resync+every {
+			sdNotify(log, sd.SdNotifyWatchdog)
+		}
 	}
 }

@@ -343,6 +343,12 @@ type Berth struct {
 // StartBerth runs `berth run` against the world's dockerd with extra flags.
 func (w *World) StartBerth(extra ...string) *Berth {
 	w.t.Helper()
+	return w.StartBerthEnv(nil, extra...)
+}
+
+// StartBerthEnv is StartBerth with extra environment variables.
+func (w *World) StartBerthEnv(env []string, extra ...string) *Berth {
+	w.t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		w.t.Fatal(err)
@@ -357,6 +363,7 @@ func (w *World) StartBerth(extra ...string) *Berth {
 	args := append([]string{"run", "--docker-host", w.Host, "--http-addr", addr, "--log-format", "text", "--log-level", "debug"}, extra...)
 	b.Cmd = exec.Command(Bin(w.t, "cmd/berth"), args...)
 	b.Cmd.Stdout, b.Cmd.Stderr = f, f
+	b.Cmd.Env = append(os.Environ(), env...)
 	b.Cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := b.Cmd.Start(); err != nil {
 		w.t.Fatal(err)
