@@ -130,7 +130,9 @@ func (l *listener) forward(u *udpSocket, b []byte) {
 	out := b[headroom-len(f.hdr):]
 	copy(out, f.hdr)
 	if _, err := f.up.Write(out); err != nil {
-		l.stats.errors.Add(1)
+		if !errors.Is(err, net.ErrClosed) { // not the flow ended by a move meanwhile
+			l.stats.errors.Add(1)
+		}
 		return
 	}
 	l.stats.bytesIn.Add(uint64(len(b) - headroom))
