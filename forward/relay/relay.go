@@ -7,6 +7,7 @@
 package relay
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -162,25 +163,9 @@ func (r *Relay) List(ctx context.Context) ([]forward.Mapping, error) {
 		}
 	}
 	slices.SortFunc(out, func(a, b forward.Mapping) int {
-		if c := a.HostIP.Compare(b.HostIP); c != 0 {
-			return c
-		}
-		if a.HostPort != b.HostPort {
-			return int(a.HostPort) - int(b.HostPort)
-		}
-		return compareStr(string(a.Proto), string(b.Proto))
+		return cmp.Or(a.HostIP.Compare(b.HostIP), cmp.Compare(a.HostPort, b.HostPort), cmp.Compare(a.Proto, b.Proto))
 	})
 	return out, nil
-}
-
-func compareStr(a, b string) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
 }
 
 // Stats returns the counters of every installed mapping.
