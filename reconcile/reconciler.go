@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/netip"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
@@ -325,9 +326,9 @@ func (r *Reconciler) record(desired []Desired, failed map[forward.Mapping]string
 		}
 		switch {
 		case d.Err != "":
-			row.State, row.Error = StateError, d.Err
+			row.State, row.Error = StateError, nameContainer(d, d.Err)
 		case failed[m] != "":
-			row.State, row.Error = StateError, failed[m]
+			row.State, row.Error = StateError, nameContainer(d, failed[m])
 		case pending[m.Mode] != "":
 			row.State, row.Error = StatePending, pending[m.Mode]
 		case skipped[m] != "":
@@ -379,6 +380,14 @@ func (r *Reconciler) record(desired []Desired, failed map[forward.Mapping]string
 		sum.LastSuccess = now
 	}
 	r.rows, r.summary = rows, sum
+}
+
+// nameContainer makes sure an error names the container it is about.
+func nameContainer(d Desired, msg string) string {
+	if strings.Contains(msg, "container "+d.ContainerName) {
+		return msg
+	}
+	return fmt.Sprintf("container %s (%s): %s", d.ContainerName, d.Mapping.ContainerID, msg)
 }
 
 // NoteFlushRecovery counts a reinstall after someone flushed berth's rules.

@@ -100,12 +100,19 @@ func FromInspect(c container.InspectResponse, defaultMode forward.Mode) Containe
 
 	out.Network, out.IPv4, out.IPv6 = pickNetwork(c, labels, fail)
 
-	seen := map[forward.Key]bool{}
+	seen := map[forward.Key]Source{}
 	add := func(w Want) {
-		if seen[w.Key] {
+		if src, dup := seen[w.Key]; dup {
+			if w.Source == SourceLabel {
+				how := "twice in the label"
+				if src == SourcePublish {
+					how = "by the label and by docker -p"
+				}
+				fail("label %s: %s is claimed %s", LabelPorts, w.Key, how)
+			}
 			return
 		}
-		seen[w.Key] = true
+		seen[w.Key] = w.Source
 		out.Wants = append(out.Wants, w)
 	}
 	if c.HostConfig != nil && c.NetworkSettings != nil {
