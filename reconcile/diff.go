@@ -69,6 +69,15 @@ func resolveOne(c watcher.Container, w watcher.Want) Desired {
 		return d
 	}
 	mode := w.Mode
+	if w.Key.Is6() && w.Key.HostIP.IsLoopback() {
+		// The kernel never routes ::1 off the host: only the relay serves it.
+		if mode == forward.ModeNAT {
+			return fail("nat cannot forward %s: the kernel does not route ::1 to a container; use relay or auto mode", w.Key)
+		}
+		if mode == forward.ModeAuto {
+			mode, d.Reason = forward.ModeRelay, "auto: the kernel cannot NAT ::1"
+		}
+	}
 	if w.Key.Is6() {
 		switch {
 		case c.IPv6.IsValid():
