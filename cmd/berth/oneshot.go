@@ -86,15 +86,9 @@ func reconcileCmd(g *globalFlags) *cobra.Command {
 				enc.Encode(out)
 			} else {
 				printPlan(os.Stdout, plans, dryRun)
-				if dryRun {
-					if rp, ok := be.nat.(interface {
-						Rules(add, remove []forward.Mapping) string
-					}); ok && be.nat != nil {
-						if p := plans[forward.ModeNAT]; !p.Empty() {
-							fmt.Println("\nrules berth would write:")
-							fmt.Print(rp.Rules(p.Add, p.Remove))
-						}
-					}
+				if p := plans[forward.ModeNAT]; dryRun && be.nat != nil && !p.Empty() {
+					fmt.Println("\nrules berth would write (iptables-restore --noflush):")
+					fmt.Print(natRules(ctx, be.nat, p))
 				}
 				fmt.Println()
 				printRows(os.Stdout, rows, sum, true)
