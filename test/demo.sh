@@ -41,7 +41,8 @@ in_remote ip link set bdemo1 up
 in_remote ip link set lo up
 
 step "berth run"
-in_ns "$root/bin/berth" run --docker-host "$DOCKER_HOST" --log-format text >"$dir/berth.log" 2>&1 &
+# nsenter execs berth, so $! is berth's own pid.
+nsenter --net="$ns" -- "$root/bin/berth" run --docker-host "$DOCKER_HOST" --log-format text >"$dir/berth.log" 2>&1 &
 berth_pid=$!
 for _ in $(seq 100); do grep -q "first sync done" "$dir/berth.log" && break; sleep 0.1; done
 head -4 "$dir/berth.log"
@@ -64,9 +65,10 @@ in_ns "$echo" check -host 127.0.0.1 -tcp "$ports" -expect demo         # NAT, OU
 in_ns "$echo" check -host ::1 -tcp "$ports" -expect demo               # relay, IPv6 to IPv4-only container
 
 step "processes and memory"
-proxies=$(pgrep -c -x docker-proxy || true)
+dockerd_pid=$(cat "$dir/docker.pid")
+proxies=$(pgrep -c -P "$dockerd_pid" -x docker-proxy || true)
 rss=$(awk '/VmRSS/ {print $2, $3}' "/proc/$berth_pid/status")
-echo "berth processes: 1 (pid $berth_pid), RSS $rss; docker-proxy processes: $proxies"
+echo "berth processes: 1 ($(cat /proc/$berth_pid/comm), pid $berth_pid), RSS $rss; docker-proxy processes of this dockerd: $proxies"
 in_ns "$root/bin/berth" status | tail -3
 
 step "docker rm -f demo"
