@@ -112,6 +112,16 @@ type Forwarder interface {
 	List(ctx context.Context) ([]Mapping, error)
 }
 
+// Cacher is offered by backends whose List is a costly kernel dump (NAT at
+// 10,000 rules). Cached returns what the backend knows it has installed,
+// as of its last List or successful Apply, without reading the kernel; ok
+// is false when it holds no view it trusts, and the caller must List.
+// The reconciler uses it between periodic full resyncs, so a sync costs
+// work proportional to the change, not to the table.
+type Cacher interface {
+	Cached() (ms []Mapping, ok bool)
+}
+
 // Stats are a relay's per-mapping counters.
 type Stats struct {
 	Conns     uint64 `json:"connections"`        // TCP connections accepted

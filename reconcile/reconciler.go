@@ -56,6 +56,10 @@ type Options struct {
 	// Observe makes Sync read and report only: nothing is applied and
 	// missing mappings are shown as pending.
 	Observe bool
+	// FullListEvery is how often a sync reads every backend back from the
+	// kernel even when the backend offers a cached view (forward.Cacher).
+	// Zero means every sync.
+	FullListEvery time.Duration
 }
 
 // Row is one line of `berth status`.
@@ -104,6 +108,30 @@ type Reconciler struct {
 	rows    []Row
 	summary Summary
 	info    []string
+
+	// Owned by the Sync goroutine.
+	lastFull  time.Time
+	forceFull bool
+	lastOK    bool
+}
+
+// RequestFullList makes the next sync read every backend from the kernel
+// (after a canary found the chains flushed, say).
+func (r *Reconciler) RequestFullList() {
+	r.mu.Lock()
+	r.forceFull = true
+	r.mu.Unlock()
+}
+
+// list reads what a backend has installed: its cached view between full
+// resyncs when it offers one, else List.
+func (r *Reconciler) list(ctx context.Context, fw forward.Forwarder, full bool) ([]forward.Mapping, error) {
+	if c, ok := fw.(forward.Cacher); ok && !full {
+		if ms, ok := c.Cached(); ok {
+			return ms, nil
+		}
+	}
+	return fw.List(ctx)
 }
 
 // New returns a reconciler over src.
@@ -184,7 +212,17 @@ func (r *Reconciler) Sync(ctx context.Context) error {
 			errs = append(errs, err)
 		}
 	}
+	r.mu.Lock()
+	full := r.forceFull || !r.lastOK || r.opts.FullListEvery <= 0 || time.Since(r.lastFull) >= r.opts.FullListEvery
+	r.forceFull = false
+	r.mu.Unlock()
 	desired := Resolve(cs)
+	published := map[forward.Mapping]bool{}
+	for _, d := range desired {
+		if d.Source == watcher.SourcePublish {
+			published[d.Mapping] = true
+		}
+	}
 	failed := map[forward.Mapping]string{} // per mapping
 	pending := map[forward.Mode]string{}   // whole backend
 	notInstalled := map[forward.Mapping]bool{}
@@ -201,7 +239,7 @@ func (r *Reconciler) Sync(ctx context.Context) error {
 			}
 			continue
 		}
-		have, err := b.fw.List(ctx)
+		have, err := r.list(ctx, b.fw, full)
 		if err != nil {
 			pending[b.mode] = fmt.Sprintf("%s backend: list: %v", b.mode, err)
 			errs = append(errs, fmt.Errorf("%s: list: %w", b.mode, err))
@@ -209,7 +247,16 @@ func (r *Reconciler) Sync(ctx context.Context) error {
 		}
 		plan := Diff(want, have)
 		if r.opts.HostConflicts != nil && len(plan.Add) > 0 {
-			conflicts := r.opts.HostConflicts(plan.Add)
+			// A -p port's socket is dockerd's own reservation (docker run
+			// fails if anyone else holds it): only label ports can clash
+			// with a host process.
+			var check []forward.Mapping
+			for _, m := range plan.Add {
+				if !published[m] {
+					check = append(check, m)
+				}
+			}
+			conflicts := r.opts.HostConflicts(check)
 			kept := plan.Add[:0]
 			for _, m := range plan.Add {
 				if err, ok := conflicts[m]; ok {
@@ -244,6 +291,10 @@ func (r *Reconciler) Sync(ctx context.Context) error {
 		r.logPlan(b.mode, plan, per, batch, names)
 	}
 	err := errors.Join(errs...)
+	if full && err == nil {
+		r.lastFull = start
+	}
+	r.lastOK = err == nil
 	r.record(desired, failed, pending, notInstalled, skipped, start, err)
 	return err
 }

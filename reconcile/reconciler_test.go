@@ -7,6 +7,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/berth-dev/berth/forward"
 	"github.com/berth-dev/berth/watcher"
@@ -144,13 +145,16 @@ func TestReconcilerDisabledRelay(t *testing.T) {
 }
 
 func TestReconcilerHostConflict(t *testing.T) {
-	web := ctr("aaa", "web", 1, "172.17.0.2", "", want(key("tcp", "0.0.0.0", 22), 22, forward.ModeNAT))
+	lbl := want(key("tcp", "0.0.0.0", 22), 22, forward.ModeNAT)
+	lbl.Source = watcher.SourceLabel
+	// The -p port is held by dockerd itself: never checked.
+	web := ctr("aaa", "web", 1, "172.17.0.2", "", lbl, want(key("tcp", "0.0.0.0", 8080), 80, forward.ModeNAT))
 	nat := &memForwarder{}
 	r := New(&staticSource{cs: []watcher.Container{web}}, Options{NAT: nat,
 		HostConflicts: func(ms []forward.Mapping) map[forward.Mapping]error {
 			out := map[forward.Mapping]error{}
 			for _, m := range ms {
-				if m.HostPort == 22 {
+				if m.HostPort == 22 || m.HostPort == 8080 {
 					out[m] = fmt.Errorf("%s is in use by pid 812 (sshd)", m.Key)
 				}
 			}
@@ -158,7 +162,58 @@ func TestReconcilerHostConflict(t *testing.T) {
 		}})
 	r.Sync(context.Background())
 	rows, _ := r.Status()
-	if len(nat.installed) != 0 || rows[0].State != StateError || !strings.Contains(rows[0].Error, "pid 812 (sshd)") {
+	if len(nat.installed) != 1 || nat.installed[0].HostPort != 8080 || rows[0].State != StateError || !strings.Contains(rows[0].Error, "pid 812 (sshd)") {
 		t.Fatalf("installed %v rows %+v", nat.installed, rows)
+	}
+}
+
+// cachingForwarder counts kernel reads and offers a cached view.
+type cachingForwarder struct {
+	memForwarder
+	lists int
+}
+
+func (f *cachingForwarder) List(ctx context.Context) ([]forward.Mapping, error) {
+	f.lists++
+	return f.memForwarder.List(ctx)
+}
+
+func (f *cachingForwarder) Cached() ([]forward.Mapping, bool) {
+	ms, _ := f.memForwarder.List(context.Background())
+	return ms, true
+}
+
+func TestReconcilerUsesCacheBetweenFullLists(t *testing.T) {
+	web := ctr("aaa", "web", 1, "172.17.0.2", "", want(key("tcp", "0.0.0.0", 80), 80, forward.ModeNAT))
+	src := &staticSource{cs: []watcher.Container{web}}
+	nat := &cachingForwarder{}
+	r := New(src, Options{NAT: nat, FullListEvery: time.Hour})
+	ctx := context.Background()
+	for i := 0; i < 5; i++ {
+		if err := r.Sync(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if nat.lists != 1 {
+		t.Fatalf("5 syncs read the kernel %d times, want 1 (the first, full one)", nat.lists)
+	}
+	// Someone flushed the table behind berth's back; the canary asks for a
+	// full read, which finds the gap and repairs it.
+	nat.installed = nil
+	r.RequestFullList()
+	if err := r.Sync(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if nat.lists != 2 || len(nat.installed) != 1 {
+		t.Fatalf("after RequestFullList: lists %d installed %v", nat.lists, nat.installed)
+	}
+	// A failed sync makes the next one read the kernel again.
+	nat.refuse = map[uint16]error{80: errors.New("boom")}
+	nat.installed = nil
+	r.Sync(ctx)
+	nat.refuse = nil
+	r.Sync(ctx)
+	if nat.lists != 3 {
+		t.Fatalf("lists %d after a failed sync, want 3 (the sync after the failure reads the kernel)", nat.lists)
 	}
 }

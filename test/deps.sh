@@ -13,6 +13,9 @@ have conntrack     || need+=(conntrack)
 have ip            || need+=(iproute2)
 have nsenter       || need+=(util-linux)
 have ss            || need+=(iproute2)
+have docker-compose || need+=(docker-compose)
+have systemd-analyze || need+=(systemd)
+have setpriv       || need+=(util-linux)
 
 if [ ${#need[@]} -eq 0 ]; then
 	exit 0

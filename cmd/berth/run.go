@@ -55,7 +55,9 @@ func runDaemon(ctx context.Context, g *globalFlags, b *backendFlags) error {
 	if err != nil {
 		return err
 	}
-	rec := reconcile.New(w, be.opts)
+	opts := be.opts
+	opts.FullListEvery = b.resync
+	rec := reconcile.New(w, opts)
 	rec.SetInfo(be.info...)
 	d.rec, d.w = rec, w
 	d.m = newMetrics(rec, be.relay)
@@ -231,6 +233,7 @@ func canaryLoop(ctx context.Context, log logrus.FieldLogger, nat natBackend, eve
 			log.WithError(err).Error("restoring nat chains")
 		}
 		d.rec.NoteFlushRecovery()
+		d.rec.RequestFullList()
 		d.m.flushRecoveries.Inc()
 		trigger()
 	}

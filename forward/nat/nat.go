@@ -231,6 +231,24 @@ func (t *Table) List(ctx context.Context) ([]forward.Mapping, error) {
 	return out, nil
 }
 
+// Cached returns the mappings as of the last List or successful Apply, or
+// ok=false when a family must be read again first (never read, a write
+// failed, or Check found the chains gone). It implements forward.Cacher.
+func (t *Table) Cached() ([]forward.Mapping, bool) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	var out []forward.Mapping
+	for _, f := range t.fams {
+		if f.st == nil || !f.ensured {
+			return nil, false
+		}
+		out = append(out, f.st.mappings()...)
+	}
+	return out, true
+}
+
+var _ forward.Cacher = (*Table)(nil)
+
 func (s *state) mappings() []forward.Mapping {
 	var out []forward.Mapping
 	for b := 0; b < buckets; b++ {
