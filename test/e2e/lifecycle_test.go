@@ -69,10 +69,20 @@ func TestBurstOfStartsCoalesces(t *testing.T) {
 	w := harness.Start(t, harness.Options{})
 	b := w.StartBerth()
 	const n = 50
+	var cwg sync.WaitGroup
+	sem := make(chan struct{}, 4)
 	for i := 0; i < n; i++ {
-		w.MustDocker("create", "--name", fmt.Sprintf("burst%02d", i), "-e", "NAME=x",
-			"--label", fmt.Sprintf("berth.ports=%d:80", 22000+i), "--label", "berth.mode=relay", harness.ImageEcho, "-tcp", "80")
+		cwg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer func() { <-sem; cwg.Done() }()
+			if _, err := w.Docker("create", "--name", fmt.Sprintf("burst%02d", i), "-e", "NAME=x",
+				"--label", fmt.Sprintf("berth.ports=%d:80", 22000+i), "--label", "berth.mode=relay", harness.ImageEcho, "-tcp", "80"); err != nil {
+				t.Error(err)
+			}
+		}()
 	}
+	cwg.Wait()
 	before, err := b.Summary()
 	if err != nil {
 		t.Fatal(err)
