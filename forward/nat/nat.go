@@ -731,7 +731,16 @@ func (t *Table) Rules(ctx context.Context, add, remove []forward.Mapping) (strin
 		}
 		text := ""
 		if !f.ensured {
+			// what ensure would write first: nat structure, then the
+			// IPv4 guard in raw
 			text = structureFix(f.st.saved, natLayout()).String()
+			if !f.v6 {
+				rawOut, err := run(ctx, f.t.save, "", "-t", "raw")
+				if err != nil {
+					return "", fmt.Errorf("nat %s: %w", f.name(), err)
+				}
+				text += structureFix(parseSave(rawOut, "raw"), rawLayout()).String()
+			}
 		}
 		text += t.makePlan(f, adds[i], removes[i]).text
 		if text == "" {

@@ -63,11 +63,12 @@ func TestNATAdoptionForeignRulesCleanup(t *testing.T) {
 	}
 	peerAll := net.JoinHostPort(peer.LocalAddr, strconv.Itoa(adoptTCPPort))
 
-	var dryRules []string
+	var dryRules []string       // DNAT and MASQ lines of the dry-run
+	dryAll := map[string]bool{} // every rule line of the dry-run, -I as -A
 	t.Run("dry-run shows the rules and changes nothing", func(t *testing.T) {
 		before := allRules(t)
 		out, err := w.CLI("reconcile", "--dry-run", "--docker-host", w.Host)
-		t.Logf("berth reconcile --dry-run:\n%s", out)
+		t.Logf("berth reconcile --dry-run (chain declarations and bucket jumps left out here):\n%s", compact(out))
 		if err != nil {
 			t.Fatalf("dry-run: %v", err)
 		}
@@ -82,6 +83,12 @@ func TestNATAdoptionForeignRulesCleanup(t *testing.T) {
 			}
 		}
 		for _, l := range strings.Split(out, "\n") {
+			if strings.HasPrefix(l, "-A ") {
+				dryAll[l] = true
+			}
+			if f := strings.Fields(l); len(f) > 3 && f[0] == "-I" && f[2] == "1" {
+				dryAll["-A "+f[1]+" "+strings.Join(f[3:], " ")] = true
+			}
 			if strings.HasPrefix(l, "-A BERTH-DNAT-") || strings.HasPrefix(l, "-A BERTH-MASQ-") {
 				dryRules = append(dryRules, l)
 			}
@@ -108,6 +115,22 @@ func TestNATAdoptionForeignRulesCleanup(t *testing.T) {
 		for _, r := range dryRules {
 			if !hasLine(nat, r) {
 				t.Errorf("dry-run promised %q; iptables-save -t nat after reconcile does not have it", r)
+			}
+		}
+		// the dry-run showed every rule the real run wrote
+		for _, c := range [][]string{{"iptables-save", "-t", "nat"}, {"iptables-save", "-t", "raw"}, {"ip6tables-save", "-t", "nat"}} {
+			for _, l := range strings.Split(sh(t, c...), "\n") {
+				if !strings.HasPrefix(l, "-A ") || !isBerth(l) || dryAll[l] {
+					continue
+				}
+				if strings.HasPrefix(l, "-A BERTH-EGRESS ") {
+					// Known gap, reported: reconcile skips BeforeSync in
+					// Observe mode, so the dry-run knows no bridges and
+					// renders no egress MASQUERADE.
+					t.Logf("KNOWN GAP: the dry-run did not show %s", l)
+					continue
+				}
+				t.Errorf("berth reconcile wrote a rule the dry-run did not show (%s): %s", strings.Join(c, " "), l)
 			}
 		}
 		if n := countMatching(nat, "-A BERTH-DNAT-", ""); n != 2 {
@@ -232,6 +255,24 @@ func TestNATAdoptionForeignRulesCleanup(t *testing.T) {
 			t.Logf("tables left behind empty (ACCEPT policies only): %v", d)
 		}
 	})
+}
+
+var structureRE = regexp.MustCompile(`^(:BERTH-|-A BERTH-(PREROUTING|OUTPUT|POSTROUTING) -m comment --comment berth -j BERTH-(DNAT|MASQ)-)`)
+
+// compact leaves out the structural lines of berth's batches.
+func compact(s string) string {
+	var b strings.Builder
+	left := 0
+	for _, l := range strings.Split(s, "\n") {
+		if structureRE.MatchString(l) {
+			left++
+			continue
+		}
+		b.WriteString(l)
+		b.WriteByte('\n')
+	}
+	fmt.Fprintf(&b, "(%d structural lines left out)", left)
+	return b.String()
 }
 
 // allRules is iptables-save and ip6tables-save of every table, without
