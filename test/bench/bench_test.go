@@ -211,6 +211,7 @@ func TestBench(t *testing.T) {
 		t.Fatal(err)
 	}
 	began := time.Now()
+	loadBefore := loadavg()
 	logf := func(format string, a ...any) {
 		fmt.Printf("[%6.1fs] %s\n", time.Since(began).Seconds(), fmt.Sprintf(format, a...))
 	}
@@ -464,9 +465,9 @@ func TestBench(t *testing.T) {
 	kernel, _ := exec.Command("uname", "-r").Output()
 	cpu := cpuModel()
 	section("# berth benchmark report\n")
-	section(fmt.Sprintf("Mode **%s**, %s, on `%s`: %d CPUs (%s), kernel %s, dockerd %s, Go %s. Total run time %v.\n",
+	section(fmt.Sprintf("Mode **%s**, %s, on `%s`: %d CPUs (%s), kernel %s, dockerd %s, Go %s. Total run time %v. Load average (1, 5, 15 min) at the start %s, at the end %s: anything well above 0 means other work shared the CPUs and the absolute numbers are low; the ratios, measured interleaved, hold up better.\n",
 		cfg.mode, time.Now().UTC().Format("2006-01-02 15:04 MST"), host, runtime.NumCPU(), cpu, strings.TrimSpace(string(kernel)),
-		dockerVersion, runtime.Version(), time.Since(began).Round(time.Second)))
+		dockerVersion, runtime.Version(), time.Since(began).Round(time.Second), loadBefore, loadavg()))
 	section("Systems, all forwarding to the same echo server image (`test/echoserver`) in a private dockerd:\n")
 	section("- **direct**: the client connects to the container IP (routed through the host namespace, no forwarding).")
 	section("- **docker-proxy**: dockerd `--userland-proxy=true --iptables=false` (Debian's `/usr/sbin/docker-proxy`), every connection goes through docker-proxy.")
@@ -643,6 +644,15 @@ func TestBench(t *testing.T) {
 		t.Fatal(err)
 	}
 	logf("report written to %s", filepath.Join(out, "report.md"))
+}
+
+func loadavg() string {
+	b, _ := os.ReadFile("/proc/loadavg")
+	f := strings.Fields(string(b))
+	if len(f) < 3 {
+		return "?"
+	}
+	return strings.Join(f[:3], " ")
 }
 
 func cpuModel() string {
