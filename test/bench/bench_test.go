@@ -233,6 +233,13 @@ func TestBench(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	// Every host namespace tracks connections, as any host with Docker's
+	// default iptables does: berth's and Docker's NAT rules turn conntrack
+	// on in theirs; docker-proxy's (--iptables=false) gets one rule that
+	// does the same, so its path pays what the others pay.
+	if out, err := pB.Exec("iptables", "-A", "INPUT", "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"); err != nil {
+		t.Fatalf("conntrack rule in the docker-proxy namespace: %v: %s", err, out)
+	}
 	var wB, wC *harness.World
 	var errB, errC error
 	var wg sync.WaitGroup
@@ -354,10 +361,18 @@ func TestBench(t *testing.T) {
 		mem        Mem
 		run, ready time.Duration
 		afterStart time.Duration // ready, counted from the container's StartedAt
+		installed  time.Duration // berth status: all installed, from StartedAt
 		rm, gone   time.Duration
 		err        string
 	}
 	var scale []scalePt
+	// A fresh berth for the scale series, so its memory is not the heap
+	// the load tests left behind; it adopts the NAT rules in place.
+	b.Stop()
+	b = wA.StartBerth("--log-level", "info")
+	berthPid = b.Cmd.Process.Pid
+	time.Sleep(time.Second)
+	runtime.GC()
 	berthBase, _ := MemOf(berthPid)
 	for _, n := range cfg.scale {
 		lo, hi := 20000, 20000+n-1
@@ -404,6 +419,30 @@ func TestBench(t *testing.T) {
 			}
 			args := append([]string{"run", "-d", "--name", name, "-e", "NAME=" + name}, v.args...)
 			args = append(args, harness.ImageEcho, "-tcp", rng)
+			// berth's own view: when its status shows all 2n mappings
+			// of this container installed
+			installedAt := make(chan time.Time, 1)
+			stopPoll := make(chan struct{})
+			if v.sys != "docker-proxy" {
+				before, _ := b.Summary()
+				go func() {
+					for {
+						select {
+						case <-stopPoll:
+							installedAt <- time.Time{}
+							return
+						default:
+						}
+						if s, err := b.Summary(); err == nil && s.Installed-before.Installed >= 2*n {
+							installedAt <- time.Now()
+							return
+						}
+						time.Sleep(10 * time.Millisecond)
+					}
+				}()
+			} else {
+				installedAt <- time.Time{}
+			}
 			t0 := time.Now()
 			if _, err := docker(v.w, 10*time.Minute, args...); err != nil {
 				t.Fatal(err)
@@ -422,6 +461,10 @@ func TestBench(t *testing.T) {
 			if st, err := docker(v.w, time.Minute, "inspect", "-f", "{{.State.StartedAt}}", name); err == nil {
 				if at, err := time.Parse(time.RFC3339Nano, st); err == nil {
 					pt.afterStart = readyAt.Sub(at)
+					close(stopPoll)
+					if inst := <-installedAt; !inst.IsZero() {
+						pt.installed = inst.Sub(at)
+					}
 				}
 			}
 			if v.sys == "docker-proxy" {
@@ -474,7 +517,7 @@ func TestBench(t *testing.T) {
 	section("- **docker NAT**: dockerd `--iptables=true --userland-proxy=false`, Docker's own DNAT rules.")
 	section("- **berth NAT**: dockerd `--iptables=false --userland-proxy=false`, `-p 30080:80`; berth (auto mode) DNATs IPv4.")
 	section("- **berth relay**: label `berth.ports=31080:80,31053:53/udp`, `berth.mode=relay`: berth's in-process relay.\n")
-	section("Every client runs in a separate \"remote host\" network namespace joined by a veth pair to the namespace where dockerd (and berth) run, and connects to the host's veth address (direct: to the container IP through the same veth). No client uses 127.0.0.1. Each of the three dockerds has its own namespace. All namespaces run with `tcp_tw_reuse=1` (default ephemeral ports 32768-60999, clear of the published ports), so connection-rate runs do not run out of ephemeral ports.\n")
+	section("Every client runs in a separate \"remote host\" network namespace joined by a veth pair to the namespace where dockerd (and berth) run, and connects to the host's veth address (direct: to the container IP through the same veth). No client uses 127.0.0.1. Each of the three dockerds has its own namespace; all three track connections (the docker-proxy one gets a single `-m conntrack --ctstate INVALID -j DROP` rule, as its `--iptables=false` dockerd writes none, while a default Docker host has conntrack on through Docker's NAT). Note that with Docker's defaults (`--iptables=true --userland-proxy=true`) remote clients are DNATed and docker-proxy only serves localhost and hairpin traffic; the docker-proxy column shows the path where it carries everything. All namespaces run with `tcp_tw_reuse=1` (default ephemeral ports 32768-60999, clear of the published ports), so connection-rate runs do not run out of ephemeral ports.\n")
 	section(fmt.Sprintf("Load: each test runs %v per system, systems interleaved (order rotated every repeat), %d repeats; the table shows the median of repeats (p50/p99: median of the repeats' percentiles). Connection and UDP tests use %d concurrent clients.\n",
 		cfg.dur, cfg.repeats, cfg.conc))
 
@@ -529,16 +572,16 @@ func TestBench(t *testing.T) {
 	section(Table([]string{"system", "errors", "time to open all", "RSS before", "RSS while held", "growth", "RSS after close"}, lrows))
 
 	section("## Scale: one container publishing N TCP ports\n")
-	section("`docker run -d -p LO-HI:LO-HI` (docker-proxy and berth auto: IPv4 by NAT, IPv6 by relay) or `--label berth.ports=LO-HI:LO-HI --label berth.mode=relay` (relay, both families). Every port is asked \"who?\" over IPv4 and IPv6 from the remote namespace until all answer. *ready* is from `docker run` to all answering; *after start* is from the container's `State.StartedAt` (the start event) to all answering. The poll asks each missing port every ~0.25 s, so ready times carry that resolution. Processes and memory: docker-proxy the processes this container added, summed; berth its one process (it adds none) (its RSS before any scale container: " + MiB(berthBase.RSS) + ", PSS " + MiB(berthBase.PSS) + ").\n")
+	section("`docker run -d -p LO-HI:LO-HI` (docker-proxy and berth auto: IPv4 by NAT, IPv6 by relay) or `--label berth.ports=LO-HI:LO-HI --label berth.mode=relay` (relay, both families). Every port is asked \"who?\" over IPv4 and IPv6 from the remote namespace until all answer. *ready* is from `docker run` to all answering; *after start* is from the container's `State.StartedAt` (the start event) to all answering. The client polls three probe ports (first, middle, last) every ~10-100 ms until they answer, then sweeps every address; *ready* is when that sweep found all answering, so it includes the sweep (up to a few hundred ms for 2,000 addresses on a busy host). For berth, *installed* is when `/status/summary` first counted all 2N mappings installed (polled every 10 ms). berth is restarted before the series (it adopts its NAT rules) so its memory does not carry the load tests' heap. Processes and memory: docker-proxy the processes this container added, summed; berth its one process (it adds none) (its RSS before any scale container: " + MiB(berthBase.RSS) + ", PSS " + MiB(berthBase.PSS) + ").\n")
 	var srows [][]string
 	for _, p := range scale {
-		row := []string{fmt.Sprint(p.ports), p.sys, fmt.Sprint(p.procs), MiB(p.mem.RSS), MiB(p.mem.PSS), Dur(p.run), Dur(p.ready), Dur(p.afterStart), Dur(p.rm), Dur(p.gone)}
+		row := []string{fmt.Sprint(p.ports), p.sys, fmt.Sprint(p.procs), MiB(p.mem.RSS), MiB(p.mem.PSS), Dur(p.run), Dur(p.ready), Dur(p.afterStart), Dur(p.installed), Dur(p.rm), Dur(p.gone)}
 		if p.err != "" {
 			row[6] += " (" + p.err + ")"
 		}
 		srows = append(srows, row)
 	}
-	section(Table([]string{"ports", "system", "forwarding processes", "RSS", "PSS", "docker run", "ready", "after start", "docker rm", "all gone"}, srows))
+	section(Table([]string{"ports", "system", "forwarding processes", "RSS", "PSS", "docker run", "ready", "after start", "berth status: installed after start", "docker rm", "all gone"}, srows))
 	// ratio table at each size
 	var rrows [][]string
 	for _, n := range cfg.scale {

@@ -381,10 +381,31 @@ func LongConns(in In, addr string, n, conc int, held func()) (Result, error) {
 
 // AllAnswer asks every address "who?" over TCP until each has answered
 // with the expected name once, or until d passes. It returns how many
-// never answered.
+// never answered. It first polls a few probes (first, middle, last) with
+// short timeouts until they answer, so the ready time is not set by the
+// sweep of thousands of ports that are not forwarded yet, then sweeps all.
 func AllAnswer(in In, addrs []string, expect string, d time.Duration) (int, error) {
-	pending := slices.Clone(addrs)
 	deadline := time.Now().Add(d)
+	if len(addrs) > 3 {
+		probes := []string{addrs[0], addrs[len(addrs)/2], addrs[len(addrs)-1]}
+		for len(probes) > 0 && time.Now().Before(deadline) {
+			var mu sync.Mutex
+			var still []string
+			workers(in, len(probes), func(i int, d *Dialer) error {
+				if !whoIsWithin(d, probes[i], expect, 100*time.Millisecond) {
+					mu.Lock()
+					still = append(still, probes[i])
+					mu.Unlock()
+				}
+				return nil
+			})
+			probes = still
+			if len(probes) > 0 {
+				time.Sleep(10 * time.Millisecond)
+			}
+		}
+	}
+	pending := slices.Clone(addrs)
 	for len(pending) > 0 && time.Now().Before(deadline) {
 		var mu sync.Mutex
 		var still []string
@@ -432,15 +453,18 @@ func NoneAnswer(in In, addrs []string, expect string) bool {
 }
 
 // whoIs asks once. A port whose forward is not in place yet usually hangs
-// (dockerd's held socket listens but never accepts), so the short timeouts
-// set the resolution of the ready times: about 0.25 s.
+// (dockerd's held socket listens but never accepts) until the timeout.
 func whoIs(d *Dialer, addr, expect string) bool {
+	return whoIsWithin(d, addr, expect, 250*time.Millisecond)
+}
+
+func whoIsWithin(d *Dialer, addr, expect string, wait time.Duration) bool {
 	c, err := d.Dial("tcp", addr, 200*time.Millisecond)
 	if err != nil {
 		return false
 	}
 	defer abort(c)
-	c.SetDeadline(time.Now().Add(250 * time.Millisecond))
+	c.SetDeadline(time.Now().Add(wait))
 	if _, err := c.Write([]byte("who?\n")); err != nil {
 		return false
 	}

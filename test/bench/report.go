@@ -26,6 +26,9 @@ func Ratio(a, b float64) string {
 	if b == 0 || math.IsNaN(a) || math.IsNaN(b) {
 		return "n/a"
 	}
+	if r := a / b; r < 0.1 && r > 0 {
+		return fmt.Sprintf("%.3fx (1/%.0f)", r, 1/r)
+	}
 	return fmt.Sprintf("%.2fx", a/b)
 }
 
