@@ -6,7 +6,7 @@ PREFIX  ?= /usr/local
 
 export CGO_ENABLED := 0
 
-.PHONY: all build deps lint unit e2e test demo bench bench-quick fuzz install clean
+.PHONY: all build deps engines lint unit e2e test demo bench bench-quick fuzz install clean
 
 all: build
 
@@ -18,6 +18,11 @@ build:
 deps:
 	@bash test/deps.sh
 
+# The Docker 29 engine (moby v2) for the e2e tests, built once per machine
+# into /var/cache/berth-engines.
+engines:
+	@bash test/engines.sh >/dev/null
+
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
@@ -27,10 +32,10 @@ unit:
 	CGO_ENABLED=1 $(GO) test -race -count=1 $$($(GO) list ./... | grep -v /test/e2e)
 
 # End-to-end tests against a private dockerd in a network namespace.
-e2e: deps
+e2e: deps engines
 	$(GO) test -count=1 -timeout 30m -v ./test/e2e 2>&1 | tee /tmp/berth-e2e.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic)|_test.go' ; exit $${PIPESTATUS[0]}
 
-test: deps lint
+test: deps engines lint
 	CGO_ENABLED=1 $(GO) test -race -count=1 -timeout 40m ./...
 
 # The main job: a private dockerd, a container publishing 1,000 ports, one

@@ -32,11 +32,51 @@ const (
 	ImageEcho    = "berth-test/echo:1" // busybox plus /echoserver
 )
 
-// Options pick the dockerd configuration.
+// Options pick the engine and the dockerd configuration.
 type Options struct {
-	UserlandProxy bool // --userland-proxy (default false)
-	IPTables      bool // --iptables (default false)
-	IPv6          bool // --ipv6 with a ULA subnet on docker0
+	// Engine is EngineDebian (Debian's docker.io, 20.10) or EngineMoby29
+	// (built by test/engines.sh). Empty means EngineDebian.
+	Engine        string
+	UserlandProxy bool     // --userland-proxy (default false)
+	IPTables      bool     // --iptables (and --ip6tables) (default false)
+	IPv6          bool     // --ipv6 with a ULA subnet on docker0
+	Extra         []string // more dockerd flags (--firewall-backend=nftables)
+}
+
+// Engines the e2e tests run against.
+const (
+	EngineDebian = "debian-20.10"
+	EngineMoby29 = "moby-29"
+)
+
+// Engines lists the engines present on this machine. Under CI=true the
+// Docker 29 engine must be there (make test builds it first).
+func Engines(t testing.TB) []string {
+	out := []string{EngineDebian}
+	if _, err := os.Stat(filepath.Join(mobyDir(), "dockerd")); err == nil {
+		out = append(out, EngineMoby29)
+	} else if os.Getenv("CI") == "true" {
+		t.Fatalf("Docker 29 engine not built at %s: run test/engines.sh", mobyDir())
+	} else {
+		t.Logf("Docker 29 engine not built at %s (run test/engines.sh); testing Debian's dockerd only", mobyDir())
+	}
+	return out
+}
+
+// mobyDir is where test/engines.sh puts the Docker 29 engine.
+func mobyDir() string {
+	if d := os.Getenv("BERTH_ENGINE_DIR"); d != "" {
+		return d
+	}
+	v := os.Getenv("BERTH_MOBY_VERSION")
+	if v == "" {
+		v = "v2.0.0-beta.24"
+	}
+	c := os.Getenv("BERTH_ENGINE_CACHE")
+	if c == "" {
+		c = "/var/cache/berth-engines"
+	}
+	return filepath.Join(c, v)
 }
 
 // Prereqs says what is missing to run the e2e world, or "".
@@ -146,6 +186,13 @@ func Start(t testing.TB, o Options) *World {
 	return w
 }
 
+func (w *World) dockerdBin() string {
+	if w.opts.Engine == EngineMoby29 {
+		return filepath.Join(mobyDir(), "dockerd")
+	}
+	return "dockerd"
+}
+
 func (w *World) dockerdArgs() []string {
 	args := []string{
 		"--data-root", filepath.Join(w.Dir, "data"),
@@ -156,7 +203,13 @@ func (w *World) dockerdArgs() []string {
 		"--iptables=" + fmt.Sprint(w.opts.IPTables),
 		"--log-level", "warn",
 	}
-	if w.opts.UserlandProxy {
+	if w.opts.Engine == EngineMoby29 {
+		// Debian's runc 1.1.5 has no time namespaces; without this every
+		// container fails to start.
+		args = append(args, "--feature", "time-namespaces=false",
+			"--userland-proxy-path", filepath.Join(mobyDir(), "docker-proxy"),
+			"--ip6tables="+fmt.Sprint(w.opts.IPTables))
+	} else if w.opts.UserlandProxy {
 		if p, err := exec.LookPath("docker-proxy"); err == nil {
 			args = append(args, "--userland-proxy-path", p)
 		}
@@ -164,7 +217,7 @@ func (w *World) dockerdArgs() []string {
 	if w.opts.IPv6 {
 		args = append(args, "--ipv6", "--fixed-cidr-v6", "fd00:dc::/64")
 	}
-	return args
+	return append(args, w.opts.Extra...)
 }
 
 // StartDockerd (re)starts the private dockerd and waits until it answers.
@@ -174,7 +227,7 @@ func (w *World) StartDockerd() {
 	if err != nil {
 		w.t.Fatal(err)
 	}
-	cmd := exec.Command("dockerd", w.dockerdArgs()...)
+	cmd := exec.Command(w.dockerdBin(), w.dockerdArgs()...)
 	cmd.Stdout, cmd.Stderr = f, f
 	// Its own process group, so a stray signal to ours never reaches it.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
