@@ -5,7 +5,9 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os/exec"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -47,9 +49,19 @@ func TestNATAdoptionForeignRulesCleanup(t *testing.T) {
 		{"ip6tables", "-w", "-t", "nat", "-A", "POSTROUTING", "-s", "fd00:dead::/64", "-j", "MASQUERADE"},
 	} {
 		sh(t, c...)
+		// undo it for the tests that follow in this namespace
+		undo := append([]string{}, c...)
+		switch i := slices.IndexFunc(undo, func(a string) bool { return a == "-A" || a == "-I" || a == "-N" }); undo[i] {
+		case "-N":
+			t.Cleanup(func() { exec.Command(undo[0], "-w", "-X", "DOCKER-USER").Run() })
+		default:
+			undo[i] = "-D"
+			t.Cleanup(func() { exec.Command(undo[0], undo[1:]...).Run() })
+		}
 	}
 	w.RunEcho("web", "-p", fmt.Sprintf("%d:80", adoptTCPPort), "--", "-tcp", "80")
 	w.RunEcho("dns", "-p", fmt.Sprintf("%d:53/udp", adoptUDPPort), "--", "-udp", "53")
+	waitReady(t, w, "web", "dns")
 	webID := w.MustDocker("inspect", "-f", "{{.Id}}", "web")
 	baseline := foreignRules(t)
 	if !strings.Contains(baseline, "user dnat") || !strings.Contains(baseline, "DOCKER-USER") || !strings.Contains(baseline, "2001:db8::/32") {

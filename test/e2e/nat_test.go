@@ -33,6 +33,7 @@ func TestNATTrafficPaths(t *testing.T) {
 	w := harness.Start(t, harness.Options{})
 	peer := netns.NewPeer(t, natPeerNum)
 	sh(t, "ip", "addr", "add", natOtherLo+"/32", "dev", "lo")
+	t.Cleanup(func() { exec.Command("ip", "addr", "del", natOtherLo+"/32", "dev", "lo").Run() })
 	// dockerd (--ip-forward defaults to true) turns forwarding on when it
 	// sets up docker0; containers' egress and hairpin traffic need it.
 	if v := strings.TrimSpace(readFile("/proc/sys/net/ipv4/ip_forward")); v != "1" {
@@ -48,6 +49,7 @@ func TestNATTrafficPaths(t *testing.T) {
 		[]string{"web", "-p", fmt.Sprintf("%d:80", natAllPort), "-p", fmt.Sprintf("%s:%d:80", peer.LocalAddr, natOnePort), "--", "-tcp", "80"},
 		[]string{"udpA", "-p", fmt.Sprintf("%d:53/udp", natUDPPort), "--", "-udp", "53", "-tcp", "80"})
 	waitInstalled(t, b, map[string]int{"web": 3, "udpA": 2})
+	waitReady(t, w, "web", "udpA")
 
 	wantName := func(t *testing.T, what, got string, err error, name string) {
 		t.Helper()
@@ -221,6 +223,7 @@ func TestNATTrafficPaths(t *testing.T) {
 		// stale conntrack entry could not reach udpB by chance
 		w.RunEcho("filler", "--", "-tcp", "80")
 		w.RunEcho("udpB", "-p", fmt.Sprintf("%d:53/udp", natUDPPort), "--", "-udp", "53")
+		waitReady(t, w, "filler", "udpB")
 		if bIP := w.ContainerIP("udpB"); bIP == aIP {
 			t.Fatalf("udpB got udpA's address %s; the test would show nothing", aIP)
 		}
@@ -341,6 +344,22 @@ func runEchos(t testing.TB, w *harness.World, ctrs ...[]string) {
 		if err := <-errs; err != nil {
 			t.Fatal(err)
 		}
+	}
+}
+
+// waitReady waits until each echo server has printed "ready" (it
+// listens): docker run returns before that, and a connection in between is
+// refused by the container itself.
+func waitReady(t testing.TB, w *harness.World, names ...string) {
+	t.Helper()
+	for _, n := range names {
+		harness.Eventually(t, 10*time.Second, n+" listening", func() error {
+			out, err := w.Docker("logs", n)
+			if err == nil && !strings.Contains(out, "ready") {
+				err = fmt.Errorf("no \"ready\" in its output yet")
+			}
+			return err
+		})
 	}
 }
 
