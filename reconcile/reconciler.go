@@ -23,6 +23,9 @@ const (
 	// StateSkipped is a mapping whose mode this berth does not serve (a
 	// relay mapping seen by a one-shot command, or a disabled backend).
 	StateSkipped = "skipped"
+	// StateDocker is a mapping dockerd already forwards itself (its own
+	// DNAT rules or a docker-proxy): berth installs nothing for it.
+	StateDocker = "docker"
 )
 
 // Source is where the desired state comes from (the watcher).
@@ -56,6 +59,9 @@ type Options struct {
 	// Observe makes Sync read and report only: nothing is applied and
 	// missing mappings are shown as pending.
 	Observe bool
+	// DockerForwards reports, for wanted mappings, those whose host key
+	// dockerd already forwards itself, with who does it. Nil: never.
+	DockerForwards func(ctx context.Context, ms []forward.Mapping) map[forward.Key]string
 	// FullListEvery is how often a sync reads every backend back from the
 	// kernel even when the backend offers a cached view (forward.Cacher).
 	// Zero means every sync.
@@ -92,6 +98,7 @@ type Summary struct {
 	Pending         int       `json:"pending"`
 	Errors          int       `json:"errors"`
 	Skipped         int       `json:"skipped"`
+	ByDocker        int       `json:"docker"`
 	FlushRecoveries uint64    `json:"flush_recoveries"`
 	DockerConnected bool      `json:"docker_connected"`
 	Info            []string  `json:"info,omitempty"`
@@ -223,12 +230,37 @@ func (r *Reconciler) Sync(ctx context.Context) error {
 			published[d.Mapping] = true
 		}
 	}
+	byDocker := map[forward.Mapping]string{}
+	if r.opts.DockerForwards != nil {
+		var ms []forward.Mapping
+		for _, d := range desired {
+			if d.Err == "" {
+				ms = append(ms, d.Mapping)
+			}
+		}
+		if fw := r.opts.DockerForwards(ctx, ms); len(fw) > 0 {
+			for _, m := range ms {
+				if who, ok := fw[m.Key]; ok {
+					byDocker[m] = who
+				}
+			}
+		}
+	}
 	failed := map[forward.Mapping]string{} // per mapping
 	pending := map[forward.Mode]string{}   // whole backend
 	notInstalled := map[forward.Mapping]bool{}
 	skipped := map[forward.Mapping]string{}
 	for _, b := range r.backends() {
 		want := wanted(desired, b.mode)
+		if len(byDocker) > 0 {
+			kept := want[:0]
+			for _, m := range want {
+				if byDocker[m] == "" {
+					kept = append(kept, m)
+				}
+			}
+			want = kept
+		}
 		if b.fw == nil {
 			why := r.opts.Disabled[b.mode]
 			if why == "" {
@@ -295,7 +327,8 @@ func (r *Reconciler) Sync(ctx context.Context) error {
 		r.lastFull = start
 	}
 	r.lastOK = err == nil
-	r.record(desired, failed, pending, notInstalled, skipped, start, err)
+	r.record(desired, outcome{failed: failed, pending: pending, notInstalled: notInstalled,
+		skipped: skipped, byDocker: byDocker}, start, err)
 	return err
 }
 
@@ -360,7 +393,16 @@ func fields(m forward.Mapping, names map[string]string) logrus.Fields {
 	return logrus.Fields{"container": containerLabel(m.ContainerID, names), "mapping": m.String(), "mode": m.Mode}
 }
 
-func (r *Reconciler) record(desired []Desired, failed map[forward.Mapping]string, pending map[forward.Mode]string, notInstalled map[forward.Mapping]bool, skipped map[forward.Mapping]string, start time.Time, err error) {
+// outcome is what one sync found per mapping, for the status rows.
+type outcome struct {
+	failed       map[forward.Mapping]string // per-mapping errors
+	pending      map[forward.Mode]string    // a whole backend failed
+	notInstalled map[forward.Mapping]bool   // observe mode: missing
+	skipped      map[forward.Mapping]string // mode not served here
+	byDocker     map[forward.Mapping]string // dockerd forwards it itself
+}
+
+func (r *Reconciler) record(desired []Desired, o outcome, start time.Time, err error) {
 	rows := make([]Row, 0, len(desired))
 	var sum Summary
 	for _, d := range desired {
@@ -378,13 +420,15 @@ func (r *Reconciler) record(desired []Desired, failed map[forward.Mapping]string
 		switch {
 		case d.Err != "":
 			row.State, row.Error = StateError, nameContainer(d, d.Err)
-		case failed[m] != "":
-			row.State, row.Error = StateError, nameContainer(d, failed[m])
-		case pending[m.Mode] != "":
-			row.State, row.Error = StatePending, pending[m.Mode]
-		case skipped[m] != "":
-			row.State, row.Error = StateSkipped, skipped[m]
-		case notInstalled[m]:
+		case o.byDocker[m] != "":
+			row.State, row.Reason = StateDocker, o.byDocker[m]
+		case o.failed[m] != "":
+			row.State, row.Error = StateError, nameContainer(d, o.failed[m])
+		case o.pending[m.Mode] != "":
+			row.State, row.Error = StatePending, o.pending[m.Mode]
+		case o.skipped[m] != "":
+			row.State, row.Error = StateSkipped, o.skipped[m]
+		case o.notInstalled[m]:
 			row.State, row.Error = StatePending, "not installed"
 		default:
 			row.State = StateInstalled
@@ -396,6 +440,8 @@ func (r *Reconciler) record(desired []Desired, failed map[forward.Mapping]string
 			sum.Pending++
 		case StateSkipped:
 			sum.Skipped++
+		case StateDocker:
+			sum.ByDocker++
 		default:
 			sum.Errors++
 		}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/netip"
 	"strings"
 	"sync"
 	"testing"
@@ -215,5 +216,30 @@ func TestReconcilerUsesCacheBetweenFullLists(t *testing.T) {
 	r.Sync(ctx)
 	if nat.lists != 3 {
 		t.Fatalf("lists %d after a failed sync, want 3 (the sync after the failure reads the kernel)", nat.lists)
+	}
+}
+
+func TestReconcilerLeavesDockersOwnForwardsAlone(t *testing.T) {
+	web := ctr("aaa", "web", 1, "172.17.0.2", "",
+		want(key("tcp", "0.0.0.0", 80), 80, forward.ModeAuto), want(key("tcp", "::", 80), 80, forward.ModeAuto))
+	nat, relay := &memForwarder{}, &memForwarder{}
+	// berth installed the IPv4 side earlier; now dockerd forwards it.
+	nat.installed = []forward.Mapping{{Key: key("tcp", "0.0.0.0", 80), ContainerIP: netip.MustParseAddr("172.17.0.2"), ContainerPort: 80, ContainerID: "aaa", Mode: forward.ModeNAT}}
+	r := New(&staticSource{cs: []watcher.Container{web}}, Options{NAT: nat, Relay: relay,
+		DockerForwards: func(_ context.Context, ms []forward.Mapping) map[forward.Key]string {
+			return map[forward.Key]string{key("tcp", "0.0.0.0", 80): "dockerd iptables DNAT (chain DOCKER)"}
+		}})
+	if err := r.Sync(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	rows, sum := r.Status()
+	if got := states(rows); got != "tcp 0.0.0.0:80 nat docker|tcp :::80 relay installed|" {
+		t.Fatalf("rows %s", got)
+	}
+	if rows[0].Reason != "dockerd iptables DNAT (chain DOCKER)" || sum.ByDocker != 1 {
+		t.Fatalf("reason %q sum %+v", rows[0].Reason, sum)
+	}
+	if len(nat.installed) != 0 || len(relay.installed) != 1 {
+		t.Fatalf("berth must not double-forward: nat %v relay %v", nat.installed, relay.installed)
 	}
 }

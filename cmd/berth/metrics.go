@@ -96,7 +96,7 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 	type ms struct{ mode, state string }
 	counts := map[ms]int{}
 	for _, mode := range []string{"nat", "relay"} {
-		for _, st := range []string{reconcile.StateInstalled, reconcile.StatePending, reconcile.StateError, reconcile.StateSkipped} {
+		for _, st := range []string{reconcile.StateInstalled, reconcile.StatePending, reconcile.StateError, reconcile.StateSkipped, reconcile.StateDocker} {
 			counts[ms{mode, st}] = 0
 		}
 	}

@@ -178,7 +178,7 @@ func printRows(w io.Writer, rows []reconcile.Row, sum reconcile.Summary, oneShot
 			r.Source, r.Mode, r.State, traffic, errText)
 	}
 	tw.Flush()
-	fmt.Fprintf(w, "%d mappings: %d installed, %d pending, %d errors, %d skipped", sum.Mappings, sum.Installed, sum.Pending, sum.Errors, sum.Skipped)
+	fmt.Fprintf(w, "%d mappings: %d installed, %d pending, %d errors, %d skipped, %d forwarded by dockerd", sum.Mappings, sum.Installed, sum.Pending, sum.Errors, sum.Skipped, sum.ByDocker)
 	if !oneShot {
 		fmt.Fprintf(w, "; %d syncs (%d failed), last %s ago; docker connected: %v; flush recoveries: %d",
 			sum.Syncs, sum.FailedSyncs, time.Since(sum.LastSync).Round(time.Millisecond), sum.DockerConnected, sum.FlushRecoveries)
