@@ -380,7 +380,30 @@ func (w *World) RunEcho(name string, args ...string) string {
 	}
 	runArgs = append(runArgs, ImageEcho)
 	runArgs = append(runArgs, srv...)
-	return w.MustDocker(runArgs...)
+	id := w.MustDocker(runArgs...)
+	w.WaitEcho(name)
+	return id
+}
+
+// WaitEcho waits until the echo server in a container listens on all its
+// ports (it prints "ready" then), so a probe is not refused by a server
+// that has not started yet.
+func (w *World) WaitEcho(name string) {
+	w.t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		out, err := w.Docker("logs", name)
+		if err == nil && strings.Contains(out, "ready") {
+			return
+		}
+		if st, _ := w.Docker("inspect", "-f", "{{.State.Status}}", name); st == "exited" || st == "dead" {
+			return // the test wanted it to fail
+		}
+		if time.Now().After(deadline) {
+			w.t.Fatalf("echo server in %s not ready within 20s: %v %q", name, err, out)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }
 
 // Berth is a running berth daemon.
