@@ -52,7 +52,8 @@ type Options struct {
 	// whose host port a process other than dockerd or berth listens on.
 	HostConflicts func(ms []forward.Mapping) map[forward.Mapping]error
 	// BeforeSync runs at the start of each sync with the bridges (NAT
-	// egress masquerade, canary check). An error fails the sync.
+	// egress masquerade). It must only probe and remember, never write:
+	// it also runs for dry runs. An error fails the sync.
 	BeforeSync func(ctx context.Context, bridges []watcher.Bridge) error
 	// Disabled explains, per mode, why a nil backend is missing.
 	Disabled map[forward.Mode]string
@@ -214,7 +215,7 @@ func (r *Reconciler) Sync(ctx context.Context) error {
 		names[c.ID] = c.Name
 	}
 	var errs []error
-	if r.opts.BeforeSync != nil && !r.opts.Observe {
+	if r.opts.BeforeSync != nil {
 		if err := r.opts.BeforeSync(ctx, bridges); err != nil {
 			errs = append(errs, err)
 		}
@@ -300,15 +301,16 @@ func (r *Reconciler) Sync(ctx context.Context) error {
 			}
 			plan.Add = kept
 		}
-		if plan.Empty() {
-			continue
-		}
 		if r.opts.Observe {
 			for _, m := range plan.Add {
 				notInstalled[m] = true
 			}
 			continue
 		}
+		// Apply runs even with an empty plan: a backend may have state of
+		// its own to bring in step (NAT chains on first start, egress
+		// MASQUERADE for a new bridge); with nothing to do it writes
+		// nothing.
 		err = b.fw.Apply(ctx, plan.Add, plan.Remove)
 		per, batch := forward.SplitErrors(err)
 		for m, e := range per {

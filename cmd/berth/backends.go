@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/berth-dev/berth/forward"
+	"github.com/berth-dev/berth/forward/dockerfwd"
 	"github.com/berth-dev/berth/forward/relay"
 	"github.com/berth-dev/berth/forward/sockets"
 	"github.com/berth-dev/berth/reconcile"
@@ -103,6 +104,7 @@ func (b *backendFlags) build(log logrus.FieldLogger, withRelay bool) (*backends,
 		out.opts.BeforeSync = b.beforeSync(nat)
 	}
 	out.info = append(out.info, info...)
+	out.info = append(out.info, dockerCoexistence(out)...)
 	if withRelay {
 		out.relay = relay.New(relay.Options{DialTimeout: b.dialTimeout, UDPIdleTimeout: b.udpIdle,
 			MaxUDPFlows: b.udpMaxFlows, MaxConns: b.tcpMaxConns, Drain: b.drain})
@@ -111,6 +113,20 @@ func (b *backendFlags) build(log logrus.FieldLogger, withRelay bool) (*backends,
 		out.opts.Disabled[forward.ModeRelay] = "relay mappings are served by the berth daemon (berth run), not by a one-shot command"
 	}
 	return out, nil
+}
+
+// dockerCoexistence makes berth leave alone the ports dockerd forwards
+// itself (its DNAT rules, docker-proxy): they show as state docker. It
+// returns the summary lines (dockerd's configuration as found, what berth
+// will and will not do, the daemon.json for full ownership) that
+// `berth status` shows and the daemon's "berth started" line logs.
+func dockerCoexistence(out *backends) []string {
+	det := dockerfwd.New(dockerfwd.Options{})
+	out.opts.DockerForwards = det.Forwards
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	cfg, cerr := dockerfwd.DetectConfig(ctx)
+	return dockerfwd.Describe(cfg, cerr, det.Refresh(ctx))
 }
 
 // hostConflicts refuses NAT mappings over a port a host process (not

@@ -86,9 +86,11 @@ func reconcileCmd(g *globalFlags) *cobra.Command {
 				enc.Encode(out)
 			} else {
 				printPlan(os.Stdout, plans, dryRun)
-				if p := plans[forward.ModeNAT]; dryRun && be.nat != nil && !p.Empty() {
-					fmt.Println("\nrules berth would write (iptables-restore --noflush):")
-					fmt.Print(natRules(ctx, be.nat, p))
+				if dryRun && be.nat != nil {
+					if text := natRules(ctx, be.nat, plans[forward.ModeNAT]); strings.TrimSpace(text) != "" {
+						fmt.Println("\nrules berth would write (iptables-restore --noflush):")
+						fmt.Print(text)
+					}
 				}
 				fmt.Println()
 				printRows(os.Stdout, rows, sum, true)

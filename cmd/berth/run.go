@@ -220,6 +220,9 @@ func canaryLoop(ctx context.Context, log logrus.FieldLogger, nat natBackend, eve
 		case <-t.C:
 		}
 		ok, err := nat.Check(ctx)
+		if ctx.Err() != nil {
+			return
+		}
 		if err != nil {
 			d.m.errors.WithLabelValues("canary").Inc()
 			log.WithError(err).Warn("nat canary check failed")
