@@ -221,6 +221,7 @@ func (r *Reconciler) Sync(ctx context.Context) error {
 		}
 	}
 	r.mu.Lock()
+	seq := r.summary.Syncs + 1
 	full := r.forceFull || !r.lastOK || r.opts.FullListEvery <= 0 || time.Since(r.lastFull) >= r.opts.FullListEvery
 	r.forceFull = false
 	r.mu.Unlock()
@@ -322,7 +323,7 @@ func (r *Reconciler) Sync(ctx context.Context) error {
 		if err != nil {
 			errs = append(errs, err)
 		}
-		r.logPlan(b.mode, plan, per, batch, names)
+		r.logPlan(r.log.WithField("sync", seq), b.mode, plan, per, batch, names)
 	}
 	err := errors.Join(errs...)
 	if full && err == nil {
@@ -336,30 +337,30 @@ func (r *Reconciler) Sync(ctx context.Context) error {
 
 // logPlan writes one line per applied change, or one per container when a
 // container brings many (a 1,000-port container is one line, not 2,000).
-func (r *Reconciler) logPlan(mode forward.Mode, p Plan, per map[forward.Mapping]error, batch error, names map[string]string) {
+func (r *Reconciler) logPlan(log logrus.FieldLogger, mode forward.Mode, p Plan, per map[forward.Mapping]error, batch error, names map[string]string) {
 	if batch != nil {
-		r.log.WithField("mode", mode).WithError(batch).Error("apply failed")
+		log.WithField("mode", mode).WithError(batch).Error("apply failed")
 		return
 	}
 	for _, m := range p.Remove {
 		if _, bad := per[m]; bad {
-			r.log.WithFields(fields(m, names)).WithError(per[m]).Error("remove failed")
+			log.WithFields(fields(m, names)).WithError(per[m]).Error("remove failed")
 		}
 	}
 	for _, m := range p.Add {
 		if _, bad := per[m]; bad {
-			r.log.WithFields(fields(m, names)).WithError(per[m]).Error("install failed")
+			log.WithFields(fields(m, names)).WithError(per[m]).Error("install failed")
 		}
 	}
 	if len(p.Add)+len(p.Remove) <= 20 {
 		for _, m := range p.Remove {
 			if per[m] == nil {
-				r.log.WithFields(fields(m, names)).Info("removed")
+				log.WithFields(fields(m, names)).Info("removed")
 			}
 		}
 		for _, m := range p.Add {
 			if per[m] == nil {
-				r.log.WithFields(fields(m, names)).Info("installed")
+				log.WithFields(fields(m, names)).Info("installed")
 			}
 		}
 		return
@@ -379,7 +380,7 @@ func (r *Reconciler) logPlan(mode forward.Mode, p Plan, per map[forward.Mapping]
 		by[m.ContainerID].rem++
 	}
 	for id, c := range by {
-		r.log.WithFields(logrus.Fields{"container": containerLabel(id, names), "mode": mode}).
+		log.WithFields(logrus.Fields{"container": containerLabel(id, names), "mode": mode}).
 			Infof("installed %d, removed %d mappings", c.add, c.rem)
 	}
 }
