@@ -123,6 +123,15 @@ func TestParseIPTablesSave(t *testing.T) {
 	if got := ParseIPTablesSave(stale, false); !got.Chain || got.Jumped || len(got.DNAT) != 1 {
 		t.Fatalf("stale: %+v", got)
 	}
+	// `iptables -t nat -S DOCKER` and `-S PREROUTING`, as the host reader
+	// runs them.
+	s := ParseIPTablesSave("-N DOCKER\n-A DOCKER -i docker0 -j RETURN\n-A DOCKER ! -i docker0 -p tcp -m tcp --dport 8080 -j DNAT --to-destination 172.17.0.2:80\n", false)
+	if !s.Chain || s.Jumped || len(s.DNAT) != 1 || s.DNAT[0].Port != 8080 {
+		t.Fatalf("-S DOCKER: %+v", s)
+	}
+	if p := ParseIPTablesSave("-P PREROUTING ACCEPT\n-A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER\n", false); !p.Jumped || p.Chain {
+		t.Fatalf("-S PREROUTING: %+v", p)
+	}
 	// Target without a port keeps the port; a target with a comment in quotes.
 	odd := "*nat\n-A PREROUTING -j DOCKER\n-A DOCKER -p tcp -m tcp --dport 81 -m comment --comment \"a \\\"b\\\" c\" -j DNAT --to-destination 172.17.0.5\n"
 	if got := ParseIPTablesSave(odd, false); len(got.DNAT) != 1 || got.DNAT[0].Target != netip.MustParseAddrPort("172.17.0.5:81") {

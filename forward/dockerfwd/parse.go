@@ -53,7 +53,7 @@ type IPTables struct {
 }
 
 // ParseIPTablesSave reads iptables-save or ip6tables-save output (all
-// tables or just -t nat). It never fails: rules it cannot read as a
+// tables or just -t nat), or `iptables -t nat -S CHAIN`. It never fails: rules it cannot read as a
 // single-port DNAT are left out (Docker writes one rule per port).
 func ParseIPTablesSave(text string, v6 bool) IPTables {
 	var out IPTables
@@ -74,7 +74,7 @@ func ParseIPTablesSave(text string, v6 bool) IPTables {
 		case strings.HasPrefix(line, "*"):
 			table = line[1:]
 		case table != "nat":
-		case strings.HasPrefix(line, ":DOCKER "):
+		case strings.HasPrefix(line, ":DOCKER "), line == "-N DOCKER":
 			out.Chain = true
 		case strings.HasPrefix(line, "-A DOCKER "):
 			if f, ok := parseDNATRule(line[len("-A DOCKER "):], v6); ok {
