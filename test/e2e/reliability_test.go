@@ -186,7 +186,7 @@ func relCheck(b *harness.Berth, want []relRow) error {
 
 	// Kernel: one DNAT rule per installed nat row, nothing else.
 	var wantNAT []string
-	wantRelay := map[string]bool{}
+	wantRelay, wantHairpin := map[string]bool{}, map[string]bool{}
 	for _, r := range rows {
 		if r.State != reconcile.StateInstalled {
 			continue
@@ -205,16 +205,23 @@ func relCheck(b *harness.Berth, want []relRow) error {
 				id = id[:12]
 			}
 			wantNAT = append(wantNAT, fmt.Sprintf("%s %s %s->%s", id, r.Proto, host, netip.AddrPortFrom(cip, r.ContainerPort)))
+			wantHairpin[id+" "+cip.String()] = true
 		case "relay":
 			wantRelay[r.Proto+" "+host.String()] = true
 		}
 	}
-	gotNAT, err := relDNATRules()
+	gotNAT, hairpins, dups, err := relNATRules()
 	if err != nil {
 		return err
 	}
 	if d := relMultisetDiff(wantNAT, gotNAT); d != "" {
 		problems = append(problems, "DNAT rules in BERTH-DNAT-* (installed nat rows vs iptables-save/ip6tables-save): "+d)
+	}
+	if d := relMultisetDiff(relKeys(wantHairpin), hairpins); d != "" {
+		problems = append(problems, "hairpin MASQUERADE rules (one per container with installed nat rows): "+d)
+	}
+	if len(dups) > 0 {
+		problems = append(problems, fmt.Sprintf("berth rules present more than once: %q", dups))
 	}
 
 	// Relay: the sockets berth's process holds, besides its HTTP listener
@@ -223,14 +230,7 @@ func relCheck(b *harness.Berth, want []relRow) error {
 	if err != nil {
 		return err
 	}
-	var wr, gr []string
-	for k := range wantRelay {
-		wr = append(wr, k)
-	}
-	for _, k := range gotRelay {
-		gr = append(gr, k)
-	}
-	if d := relMultisetDiff(wr, gr); d != "" {
+	if d := relMultisetDiff(relKeys(wantRelay), gotRelay); d != "" {
 		problems = append(problems, "relay sockets (installed relay rows vs /proc/net owned by berth): "+d)
 	}
 	if len(problems) > 0 {
@@ -274,30 +274,51 @@ func relMultisetDiff(want, got []string) string {
 	return fmt.Sprintf("missing %q; extra %q", missing, extra)
 }
 
-var relDNATRE = regexp.MustCompile(`^-A BERTH-DNAT-\S+ .*--comment "berth ([0-9a-f]+) (\S+) (\S+->\S+)"`)
+func relKeys(m map[string]bool) []string {
+	out := make([]string, 0, len(m))
+	for k := range m {
+		out = append(out, k)
+	}
+	return out
+}
 
-// relDNATRules lists the DNAT rules in berth's chains of both families as
-// "ID PROTO HOST->TARGET", read from their comments; a rule in a
-// BERTH-DNAT chain without such a comment is listed whole.
-func relDNATRules() ([]string, error) {
-	var out []string
+var (
+	relDNATRE    = regexp.MustCompile(`^-A BERTH-DNAT-\S+ .*--comment "berth ([0-9a-f]+) (\S+) (\S+->\S+)"`)
+	relHairpinRE = regexp.MustCompile(`^-A BERTH-MASQ-\S+ .*--comment "berth ([0-9a-f]+) hairpin (\S+)"`)
+)
+
+// relNATRules reads berth's nat rules of both families: the DNAT rules in
+// its chains as "ID PROTO HOST->TARGET" from their comments (a rule in a
+// BERTH-DNAT chain without such a comment is listed whole), the hairpin
+// MASQUERADE rules as "ID CONTAINER-IP", and any berth rule line present
+// more than once.
+func relNATRules() (dnat, hairpin, dups []string, err error) {
 	for _, tool := range []string{"iptables-save", "ip6tables-save"} {
 		b, err := exec.Command(tool, "-t", "nat").CombinedOutput()
 		if err != nil {
-			return nil, fmt.Errorf("%s -t nat: %v: %s", tool, err, b)
+			return nil, nil, nil, fmt.Errorf("%s -t nat: %v: %s", tool, err, b)
 		}
+		seen := map[string]int{}
 		for _, l := range strings.Split(string(b), "\n") {
+			if strings.HasPrefix(l, "-A ") && (strings.Contains(l, "BERTH-") || strings.Contains(l, "--comment \"berth ")) {
+				if seen[l]++; seen[l] == 2 {
+					dups = append(dups, tool+": "+l)
+				}
+			}
+			if m := relHairpinRE.FindStringSubmatch(l); m != nil {
+				hairpin = append(hairpin, m[1]+" "+m[2])
+			}
 			if !strings.HasPrefix(l, "-A BERTH-DNAT-") {
 				continue
 			}
 			if m := relDNATRE.FindStringSubmatch(l); m != nil {
-				out = append(out, m[1]+" "+m[2]+" "+m[3])
+				dnat = append(dnat, m[1]+" "+m[2]+" "+m[3])
 			} else {
-				out = append(out, l)
+				dnat = append(dnat, l)
 			}
 		}
 	}
-	return out, nil
+	return dnat, hairpin, dups, nil
 }
 
 // relBerthSockets lists "PROTO ADDR:PORT" of every TCP listener and bound
