@@ -127,8 +127,9 @@ var (
 func Bin(t testing.TB, pkg string) string {
 	t.Helper()
 	buildOnce.Do(func() {
-		buildDir, buildErr = os.MkdirTemp("", "berth-bin-")
-		if buildErr != nil {
+		removeStaleBuilds()
+		buildDir = filepath.Join(os.TempDir(), fmt.Sprintf("berth-bin-%d", os.Getpid()))
+		if buildErr = os.MkdirAll(buildDir, 0o755); buildErr != nil {
 			return
 		}
 		root, err := moduleRoot()
@@ -150,6 +151,22 @@ func Bin(t testing.TB, pkg string) string {
 		t.Fatal(buildErr)
 	}
 	return filepath.Join(buildDir, filepath.Base(pkg))
+}
+
+// removeStaleBuilds deletes the build directories of test binaries that
+// have exited (named berth-bin-PID): a test binary cannot remove its own,
+// since the binaries it built may still run while it exits.
+func removeStaleBuilds() {
+	dirs, _ := filepath.Glob(filepath.Join(os.TempDir(), "berth-bin-*"))
+	for _, d := range dirs {
+		var pid int
+		if _, err := fmt.Sscanf(filepath.Base(d), "berth-bin-%d", &pid); err != nil || pid == os.Getpid() {
+			continue
+		}
+		if err := syscall.Kill(pid, 0); errors.Is(err, syscall.ESRCH) {
+			os.RemoveAll(d)
+		}
+	}
 }
 
 func moduleRoot() (string, error) {
