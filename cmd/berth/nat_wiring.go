@@ -74,8 +74,9 @@ func (b *backendFlags) beforeSync(n natBackend) func(context.Context, []watcher.
 	}
 }
 
-// dockerMasquerades reports whether dockerd's own egress rule for a bridge
-// subnet is in POSTROUTING (dockerd --iptables=true).
+// dockerMasquerades reports whether dockerd NATs a bridge subnet's egress
+// itself: its rule in POSTROUTING (--iptables=true), or a masquerade for
+// the subnet in its nftables table (Docker 29 --firewall-backend=nftables).
 func dockerMasquerades(ctx context.Context, flavour, iface, subnet string) bool {
 	bin := "iptables-" + flavour
 	if _, err := exec.LookPath(bin); err != nil {
@@ -83,7 +84,19 @@ func dockerMasquerades(ctx context.Context, flavour, iface, subnet string) bool 
 	}
 	err := exec.CommandContext(ctx, bin, "-w", "-t", "nat", "-C", "POSTROUTING",
 		"-s", subnet, "!", "-o", iface, "-j", "MASQUERADE").Run()
-	return err == nil
+	if err == nil {
+		return true
+	}
+	out, err := exec.CommandContext(ctx, "nft", "list", "table", "ip", "docker-bridges").Output()
+	if err != nil {
+		return false
+	}
+	for _, l := range strings.Split(string(out), "\n") {
+		if strings.Contains(l, "masquerade") && strings.Contains(l, subnet) {
+			return true
+		}
+	}
+	return false
 }
 
 // natRules is the dry-run text of a plan.
