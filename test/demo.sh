@@ -69,7 +69,7 @@ dockerd_pid=$(cat "$dir/docker.pid")
 proxies=$(pgrep -c -P "$dockerd_pid" -x docker-proxy || true)
 rss=$(awk '/VmRSS/ {print $2, $3}' "/proc/$berth_pid/status")
 echo "berth processes: 1 ($(cat /proc/$berth_pid/comm), pid $berth_pid), RSS $rss; docker-proxy processes of this dockerd: $proxies"
-in_ns "$root/bin/berth" status | tail -3
+in_ns "$root/bin/berth" status | grep -E "^[0-9]+ mappings:"
 
 step "docker rm -f demo"
 t0=$(date +%s%N)
