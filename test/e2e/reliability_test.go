@@ -18,6 +18,7 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"regexp"
 	"sort"
 	"strconv"
@@ -329,15 +330,26 @@ func relBerthSockets(b *harness.Berth) ([]string, error) {
 	if err != nil {
 		return nil, err
 	}
-	inodes := make([]uint64, len(all))
-	for i, s := range all {
-		inodes[i] = s.Inode
+	// The socket inodes berth's own process holds, read from its fd table
+	// (not a host-wide owner scan, which names one holder per socket).
+	fdDir := fmt.Sprintf("/proc/%d/fd", b.Cmd.Process.Pid)
+	fds, err := os.ReadDir(fdDir)
+	if err != nil {
+		return nil, err
 	}
-	owners := sockets.Owners(inodes)
-	pid := b.Cmd.Process.Pid
+	held := map[uint64]bool{}
+	for _, fd := range fds {
+		link, err := os.Readlink(filepath.Join(fdDir, fd.Name()))
+		if err != nil || !strings.HasPrefix(link, "socket:[") {
+			continue
+		}
+		if ino, err := strconv.ParseUint(strings.TrimSuffix(strings.TrimPrefix(link, "socket:["), "]"), 10, 64); err == nil {
+			held[ino] = true
+		}
+	}
 	var out []string
 	for _, s := range all {
-		if o, ok := owners[s.Inode]; !ok || o.Pid != pid {
+		if !held[s.Inode] {
 			continue
 		}
 		if s.Proto == forward.TCP && s.Addr.String() == b.Addr {
