@@ -181,20 +181,21 @@ func ParseSCTP(r io.Reader) ([]Socket, error) {
 }
 
 // Owners finds the processes holding the given socket inodes by reading the
-// fd links of every process, stopping once all are found. Sockets of
-// processes we may not inspect are left out. When several processes share a
-// socket, the one with the lowest pid wins.
+// fd links of every process. Sockets of processes we may not inspect are
+// left out. When several processes share a socket, the holder whose parent
+// does not hold it wins: a forked child (between fork and exec it holds all
+// of its parent's fds) never hides the real owner, whatever the pid order
+// (pids wrap). Among unrelated holders the lowest pid wins.
 func Owners(inodes []uint64) map[uint64]Owner {
 	want := make(map[uint64]bool, len(inodes))
 	for _, i := range inodes {
 		want[i] = true
 	}
-	out := map[uint64]Owner{}
+	holders := map[uint64][]int{}
 	procs, err := os.ReadDir(procRoot)
 	if err != nil {
-		return out
+		return map[uint64]Owner{}
 	}
-	// ReadDir sorts by name, not number; compare pids so the lowest wins.
 	for _, p := range procs {
 		pid, err := strconv.Atoi(p.Name())
 		if err != nil {
@@ -214,13 +215,61 @@ func Owners(inodes []uint64) map[uint64]Owner {
 			if err != nil || !want[ino] {
 				continue
 			}
-			if o, ok := out[ino]; ok && o.Pid < pid {
-				continue
+			if h := holders[ino]; len(h) == 0 || h[len(h)-1] != pid {
+				holders[ino] = append(h, pid)
 			}
-			out[ino] = Owner{Pid: pid, Comm: comm(pid)}
 		}
 	}
+	out := make(map[uint64]Owner, len(holders))
+	for ino, pids := range holders {
+		pid := pickOwner(pids)
+		out[ino] = Owner{Pid: pid, Comm: comm(pid)}
+	}
 	return out
+}
+
+// pickOwner chooses among the processes sharing one socket.
+func pickOwner(pids []int) int {
+	if len(pids) == 1 {
+		return pids[0]
+	}
+	holds := map[int]bool{}
+	for _, p := range pids {
+		holds[p] = true
+	}
+	best := -1
+	for _, p := range pids {
+		if holds[ppid(p)] {
+			continue // a child of another holder
+		}
+		if best < 0 || p < best {
+			best = p
+		}
+	}
+	if best < 0 { // a cycle cannot happen; be safe
+		best = pids[0]
+	}
+	return best
+}
+
+// ppid reads a process's parent from /proc/PID/stat (0 if unknown).
+func ppid(pid int) int {
+	b, err := os.ReadFile(filepath.Join(procRoot, strconv.Itoa(pid), "stat"))
+	if err != nil {
+		return 0
+	}
+	// "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	if i < 0 {
+		return 0
+	}
+	f := strings.Fields(s[i+1:])
+	if len(f) < 2 {
+		return 0
+	}
+	p, _ := strconv.Atoi(f[1])
+	return p
 }
 
 func comm(pid int) string {

@@ -1,10 +1,13 @@
 package sockets
 
 import (
+	"fmt"
 	"net"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"reflect"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -182,5 +185,40 @@ func TestHolderFindsThisProcess(t *testing.T) {
 	}
 	if o, ok := Holder(forward.UDP, netip.MustParseAddr("0.0.0.0"), tport); ok && o.Pid == os.Getpid() {
 		t.Errorf("udp holder of a tcp port: %v", o)
+	}
+}
+
+// A child between fork and exec holds its parent's sockets; with pids that
+// wrapped, the child may have the lower pid. The parent is still the owner.
+func TestOwnersPrefersParentOverForkedChild(t *testing.T) {
+	root := t.TempDir()
+	old := procRoot
+	procRoot = root
+	t.Cleanup(func() { procRoot = old })
+	mk := func(pid, parent int, comm string, inodes ...int) {
+		dir := filepath.Join(root, strconv.Itoa(pid))
+		if err := os.MkdirAll(filepath.Join(dir, "fd"), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		os.WriteFile(filepath.Join(dir, "comm"), []byte(comm+"\n"), 0o644)
+		os.WriteFile(filepath.Join(dir, "stat"), []byte(fmt.Sprintf("%d (%s) S %d 1 1 0", pid, comm, parent)), 0o644)
+		for i, ino := range inodes {
+			os.Symlink(fmt.Sprintf("socket:[%d]", ino), filepath.Join(dir, "fd", strconv.Itoa(i+3)))
+		}
+	}
+	mk(30000, 1, "berth", 111, 222)
+	mk(300, 30000, "berth", 111, 222) // forked child, lower pid after wrap
+	mk(500, 1, "sshd", 333)
+	mk(400, 1, "a", 444) // two unrelated holders: lowest pid
+	mk(450, 1, "b", 444)
+	got := Owners([]uint64{111, 222, 333, 444, 999})
+	want := map[uint64]Owner{111: {30000, "berth"}, 222: {30000, "berth"}, 333: {500, "sshd"}, 444: {400, "a"}}
+	if len(got) != len(want) {
+		t.Fatalf("Owners = %v, want %v", got, want)
+	}
+	for k, v := range want {
+		if got[k] != v {
+			t.Fatalf("Owners[%d] = %v, want %v (all: %v)", k, got[k], v, got)
+		}
 	}
 }
