@@ -15,6 +15,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 
@@ -41,12 +42,20 @@ func (o Owner) String() string { return fmt.Sprintf("pid %d (%s)", o.Pid, o.Comm
 // procRoot is /proc; tests point it at a fake tree.
 var procRoot = "/proc"
 
+// netDir is the calling thread's view of the network tables: /proc/net is
+// the thread group leader's, which differs when a thread of this process
+// entered another namespace (tests do).
+const netDir = "thread-self/net"
+
 const tcpListen = 0x0A // TCP_LISTEN in /proc/net/tcp's "st" column
 
 // Listening reads the TCP listeners and the bound UDP and SCTP sockets of the
 // caller's network namespace. Missing tables (no IPv6, no sctp module) are
 // skipped.
 func Listening() ([]Socket, error) {
+	// One thread for all the tables: thread-self is per thread.
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
 	var out []Socket
 	for _, tb := range []struct {
 		file  string
@@ -55,7 +64,7 @@ func Listening() ([]Socket, error) {
 		{"tcp", forward.TCP}, {"tcp6", forward.TCP},
 		{"udp", forward.UDP}, {"udp6", forward.UDP},
 	} {
-		f, err := os.Open(filepath.Join(procRoot, "net", tb.file))
+		f, err := os.Open(filepath.Join(procRoot, netDir, tb.file))
 		if errors.Is(err, fs.ErrNotExist) {
 			continue
 		}
@@ -69,7 +78,7 @@ func Listening() ([]Socket, error) {
 		}
 		out = append(out, s...)
 	}
-	f, err := os.Open(filepath.Join(procRoot, "net", "sctp", "eps"))
+	f, err := os.Open(filepath.Join(procRoot, netDir, "sctp", "eps"))
 	if err == nil {
 		s, err := ParseSCTP(f)
 		f.Close()

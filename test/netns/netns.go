@@ -156,11 +156,20 @@ func NewPeer(t testing.TB, n int) *Peer {
 }
 
 // Do runs fn on an OS thread that has entered the peer's namespace, so
-// sockets fn opens belong to the peer. The thread is discarded afterwards.
+// sockets fn opens belong to the peer. The thread returns to the test's
+// namespace afterwards; if it cannot, it is discarded. (A thread left in
+// the peer would be reused by other goroutines, and if it is the main
+// thread, /proc/self/net would then show the peer's tables.)
 func (p *Peer) Do(fn func() error) error {
 	errc := make(chan error, 1)
 	go func() {
-		runtime.LockOSThread() // never unlocked: the thread dies with the goroutine
+		runtime.LockOSThread()
+		home, err := os.Open("/proc/thread-self/ns/net")
+		if err != nil {
+			errc <- err
+			return // still locked: the thread is discarded
+		}
+		defer home.Close()
 		f, err := os.Open(Path(p.Name))
 		if err != nil {
 			errc <- err
@@ -171,7 +180,11 @@ func (p *Peer) Do(fn func() error) error {
 			errc <- fmt.Errorf("setns %s: %w", p.Name, err)
 			return
 		}
-		errc <- fn()
+		err = fn()
+		if unix.Setns(int(home.Fd()), unix.CLONE_NEWNET) == nil {
+			runtime.UnlockOSThread()
+		}
+		errc <- err
 	}()
 	return <-errc
 }
