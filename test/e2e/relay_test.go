@@ -101,22 +101,29 @@ func TestRelayWithContainers(t *testing.T) {
 	// A -p port in relay mode: dockerd holds the IPv4 socket. The error
 	// names the holder and suggests nat or a label; nothing is forwarded
 	// silently another way.
-	rows, _ := b.Status()
-	var v4 *reconcile.Row
-	for i, r := range rows {
-		if r.ContainerName == "held" && r.HostIP == "0.0.0.0" {
-			v4 = &rows[i]
+	var rows []reconcile.Row
+	harness.Eventually(t, 10*time.Second, "held port error", func() error {
+		var err error
+		if rows, err = b.Status(); err != nil {
+			return err
 		}
-	}
-	if v4 == nil || v4.State != reconcile.StateError || v4.Mode != "relay" ||
-		!strings.Contains(v4.Error, "address already in use") || !strings.Contains(v4.Error, "dockerd") ||
-		!strings.Contains(v4.Error, "use nat mode, or publish through the berth.ports label") {
-		t.Fatalf("relay on a dockerd-held port: %+v", v4)
-	}
-	// Its IPv6 side is free and relayed.
-	if installed(rows, "held") != 1 {
-		t.Fatalf("held: %v", rowKeys(rows, "held"))
-	}
+		var v4 *reconcile.Row
+		for i, r := range rows {
+			if r.ContainerName == "held" && r.HostIP == "0.0.0.0" {
+				v4 = &rows[i]
+			}
+		}
+		if v4 == nil || v4.State != reconcile.StateError || v4.Mode != "relay" ||
+			!strings.Contains(v4.Error, "address already in use") || !strings.Contains(v4.Error, "dockerd") ||
+			!strings.Contains(v4.Error, "use nat mode, or publish through the berth.ports label") {
+			return fmt.Errorf("relay on a dockerd-held port: %+v", v4)
+		}
+		// Its IPv6 side is free and relayed.
+		if installed(rows, "held") != 1 {
+			return fmt.Errorf("held: %v", rowKeys(rows, "held"))
+		}
+		return nil
+	})
 	// The relay's counters show the traffic.
 	for _, r := range rows {
 		if r.ContainerName == "plain" && r.Proto == "tcp" && r.HostIP == "0.0.0.0" {
