@@ -1,6 +1,7 @@
 package dockerfwd
 
 import (
+	"github.com/berth-dev/berth/forward/iptsave"
 	"net/netip"
 	"strconv"
 	"strings"
@@ -61,19 +62,9 @@ func ParseIPTablesSave(text string, v6 bool) IPTables {
 	if v6 {
 		via = ViaIP6Tables
 	}
-	table := "nat" // output without a table header is taken as nat
-	for len(text) > 0 {
-		var line string
-		if i := strings.IndexByte(text, '\n'); i >= 0 {
-			line, text = text[:i], text[i+1:]
-		} else {
-			line, text = text, ""
-		}
-		line = strings.TrimRight(line, "\r")
+	iptsave.Lines(text, func(table, line string) {
 		switch {
-		case strings.HasPrefix(line, "*"):
-			table = line[1:]
-		case table != "nat":
+		case table != "nat" && table != "": // no header: `iptables -t nat -S` output
 		case strings.HasPrefix(line, ":DOCKER "), line == "-N DOCKER":
 			out.Chain = true
 		case strings.HasPrefix(line, "-A DOCKER "):
@@ -86,7 +77,7 @@ func ParseIPTablesSave(text string, v6 bool) IPTables {
 				out.Jumped = true
 			}
 		}
-	}
+	})
 	return out
 }
 
@@ -95,7 +86,10 @@ func ParseIPTablesSave(text string, v6 bool) IPTables {
 // port range or an unreadable target makes it unusable.
 func parseDNATRule(rest string, v6 bool) (Forward, bool) {
 	var f Forward
-	toks := fields(rest)
+	toks, ok := iptsave.Tokenize(rest)
+	if !ok {
+		return f, false
+	}
 	var dst, dport, to, jump, proto string
 	for i := 0; i < len(toks); i++ {
 		neg := false
@@ -343,8 +337,10 @@ func ParseProxyArgs(argv []string) (Forward, bool) {
 	return f, true
 }
 
-// fields splits a rule into tokens: spaces separate, double quotes group
-// (with backslash escapes), the quotes are dropped.
+// fields splits an nft rule into tokens: spaces separate, double quotes
+// group (with backslash escapes), the quotes are dropped. It is lenient
+// with quotes inside a token ({ "a", "b" }), which nft prints and iptables
+// rules (read with iptsave.Tokenize) never hold.
 func fields(s string) []string {
 	if strings.IndexByte(s, '"') < 0 {
 		return strings.Fields(s)

@@ -1,6 +1,7 @@
 package nat
 
 import (
+	"github.com/berth-dev/berth/forward/iptsave"
 	"net/netip"
 	"slices"
 	"strconv"
@@ -28,21 +29,9 @@ var builtins = map[string]bool{
 // an empty one.
 func parseSave(text, table string) *saved {
 	s := &saved{table: table, chains: map[string]bool{}, jumps: map[string][]string{}, rules: map[string][]string{}}
-	in := false
-	for len(text) > 0 {
-		var line string
-		if i := strings.IndexByte(text, '\n'); i >= 0 {
-			line, text = text[:i], text[i+1:]
-		} else {
-			line, text = text, ""
-		}
-		line = strings.TrimRight(line, "\r")
+	iptsave.Lines(text, func(tbl, line string) {
 		switch {
-		case strings.HasPrefix(line, "*"):
-			in = line[1:] == table
-		case !in:
-		case line == "COMMIT":
-			in = false
+		case tbl != table:
 		case strings.HasPrefix(line, ":"+chainPrefix):
 			name, _, _ := strings.Cut(line[1:], " ")
 			s.chains[name] = true
@@ -54,7 +43,7 @@ func parseSave(text, table string) *saved {
 				s.jumps[chain] = append(s.jumps[chain], rest)
 			}
 		}
-	}
+	})
 	return s
 }
 
@@ -64,7 +53,7 @@ func isBerthJump(rest string) bool {
 	if !strings.Contains(rest, chainPrefix) && !strings.Contains(rest, ownComment) {
 		return false
 	}
-	toks, ok := tokenize(rest)
+	toks, ok := iptsave.Tokenize(rest)
 	if !ok {
 		return false
 	}
@@ -83,65 +72,10 @@ func isBerthJump(rest string) bool {
 	return false
 }
 
-// tokenize splits a rule the way iptables-save quotes it: tokens separated
-// by spaces, double quotes around a token with spaces, backslash escapes
-// inside quotes.
-func tokenize(s string) ([]string, bool) {
-	toks := make([]string, 0, 20)
-	for i := 0; i < len(s); {
-		if s[i] == ' ' || s[i] == '\t' {
-			i++
-			continue
-		}
-		if s[i] != '"' {
-			j := i
-			for j < len(s) && s[j] != ' ' && s[j] != '\t' {
-				j++
-			}
-			toks = append(toks, s[i:j])
-			i = j
-			continue
-		}
-		// quoted: without escapes the token is a substring
-		j := i + 1
-		for j < len(s) && s[j] != '"' && s[j] != '\\' {
-			j++
-		}
-		if j < len(s) && s[j] == '"' {
-			toks = append(toks, s[i+1:j])
-			i = j + 1
-			continue
-		}
-		var b strings.Builder
-		b.WriteString(s[i+1 : j])
-		i = j
-		closed := false
-		for i < len(s) {
-			c := s[i]
-			if c == '\\' && i+1 < len(s) {
-				b.WriteByte(s[i+1])
-				i += 2
-				continue
-			}
-			i++
-			if c == '"' {
-				closed = true
-				break
-			}
-			b.WriteByte(c)
-		}
-		if !closed {
-			return nil, false
-		}
-		toks = append(toks, b.String())
-	}
-	return toks, true
-}
-
 // sameSpec compares a printed rule with the one berth would write,
 // ignoring the order of options (iptables prints matches in its own order).
 func sameSpec(printed string, want spec) bool {
-	got, ok := tokenize(printed)
+	got, ok := iptsave.Tokenize(printed)
 	if !ok || len(got) != len(want) {
 		return false
 	}
@@ -161,7 +95,7 @@ type ruleOpts struct {
 // match) makes the rule not berth's shape.
 func options(printed string, dnat bool) (ruleOpts, bool) {
 	var o ruleOpts
-	toks, ok := tokenize(printed)
+	toks, ok := iptsave.Tokenize(printed)
 	if !ok || len(toks)%2 != 0 {
 		return o, false
 	}
@@ -311,7 +245,7 @@ func parseMasq(printed string, v6 bool) (masqRule, bool) {
 // parseEgress reads a rule of BERTH-EGRESS.
 func parseEgress(printed string) (egressRule, bool) {
 	var r egressRule
-	toks, ok := tokenize(printed)
+	toks, ok := iptsave.Tokenize(printed)
 	if !ok {
 		return r, false
 	}

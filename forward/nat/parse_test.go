@@ -1,6 +1,7 @@
 package nat
 
 import (
+	"github.com/berth-dev/berth/forward/iptsave"
 	"net/netip"
 	"reflect"
 	"testing"
@@ -152,13 +153,13 @@ func TestTokenize(t *testing.T) {
 		{`--comment ""`, []string{"--comment", ""}, true},
 		{`--comment "open`, nil, false},
 	} {
-		got, ok := tokenize(tc.in)
+		got, ok := iptsave.Tokenize(tc.in)
 		if ok != tc.ok || !reflect.DeepEqual(got, tc.want) {
-			t.Errorf("tokenize(%q) = %q, %v", tc.in, got, ok)
+			t.Errorf("iptsave.Tokenize(%q) = %q, %v", tc.in, got, ok)
 		}
 	}
 	s := spec{"--comment", `a "q" b\x`, "-j", "X"}
-	if got, _ := tokenize(s.String()); !reflect.DeepEqual(got, []string(s)) {
+	if got, _ := iptsave.Tokenize(s.String()); !reflect.DeepEqual(got, []string(s)) {
 		t.Errorf("quote round trip: %q", got)
 	}
 }
