@@ -132,7 +132,7 @@ func Bin(t testing.TB, pkg string) string {
 		if buildErr = os.MkdirAll(buildDir, 0o755); buildErr != nil {
 			return
 		}
-		root, err := moduleRoot()
+		root, err := ModuleRoot()
 		if err != nil {
 			buildErr = err
 			return
@@ -169,7 +169,9 @@ func removeStaleBuilds() {
 	}
 }
 
-func moduleRoot() (string, error) {
+// ModuleRoot is the directory holding go.mod, found upwards from the
+// working directory (a test's package directory).
+func ModuleRoot() (string, error) {
 	dir, err := os.Getwd()
 	if err != nil {
 		return "", err
