@@ -14,25 +14,6 @@ import (
 	"github.com/berth-dev/berth/test/netns"
 )
 
-// byteEcho echoes everything until EOF, then closes.
-func byteEcho(t testing.TB) netip.AddrPort {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() { io.Copy(c, c); c.Close() }()
-		}
-	}()
-	return netip.MustParseAddrPort(ln.Addr().String())
-}
-
 // naiveProxy is docker-proxy's shape: accept, dial, io.Copy both ways.
 func naiveProxy(t testing.TB, target netip.AddrPort) string {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -98,7 +79,7 @@ func connRate(b *testing.B, addr string) {
 
 func BenchmarkConnRate(b *testing.B) {
 	netns.Require(b)
-	target := byteEcho(b)
+	target := lineEcho(b)
 	b.Run("naive", func(b *testing.B) { connRate(b, naiveProxy(b, target)) })
 	b.Run("relay", func(b *testing.B) {
 		r := New(Options{})

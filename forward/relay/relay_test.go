@@ -77,9 +77,9 @@ func mustApply(t *testing.T, r *Relay, add, remove []forward.Mapping) {
 	}
 }
 
-// lineEcho is a TCP server on 127.0.0.1 that echoes lines and keeps the
-// connection open.
-func lineEcho(t *testing.T) netip.AddrPort {
+// lineEcho is a TCP server on 127.0.0.1 that echoes everything it gets
+// until the client half-closes, then closes.
+func lineEcho(t testing.TB) netip.AddrPort {
 	t.Helper()
 	ln, err := net.Listen("tcp4", "127.0.0.1:0")
 	if err != nil {
