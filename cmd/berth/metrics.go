@@ -13,13 +13,12 @@ import (
 // are counted as they happen; the per-mapping state and relay traffic are
 // read from the reconciler at scrape time, so there is one source of truth.
 type metrics struct {
-	reg             *prometheus.Registry
-	syncs           *prometheus.CounterVec
-	syncDuration    prometheus.Histogram
-	lastSuccess     prometheus.Gauge
-	reconnects      prometheus.Counter
-	flushRecoveries prometheus.Counter
-	errors          *prometheus.CounterVec
+	reg          *prometheus.Registry
+	syncs        *prometheus.CounterVec
+	syncDuration prometheus.Histogram
+	lastSuccess  prometheus.Gauge
+	reconnects   prometheus.Counter
+	errors       *prometheus.CounterVec
 }
 
 func newMetrics(rec *reconcile.Reconciler, relay forward.StatsReporter) *metrics {
@@ -38,9 +37,6 @@ func newMetrics(rec *reconcile.Reconciler, relay forward.StatsReporter) *metrics
 		reconnects: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "berth_docker_event_stream_reconnects_total", Help: "Times the Docker event stream was lost and berth reconnected.",
 		}),
-		flushRecoveries: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "berth_nat_flush_recoveries_total", Help: "Times berth found its NAT chains flushed or removed and reinstalled them.",
-		}),
 		errors: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "berth_errors_total", Help: "Errors by kind: sync, docker, inspect, canary.",
 		}, []string{"kind"}),
@@ -51,7 +47,7 @@ func newMetrics(rec *reconcile.Reconciler, relay forward.StatsReporter) *metrics
 	for _, k := range []string{"sync", "docker", "inspect", "canary"} {
 		m.errors.WithLabelValues(k)
 	}
-	m.reg.MustRegister(m.syncs, m.syncDuration, m.lastSuccess, m.reconnects, m.flushRecoveries, m.errors,
+	m.reg.MustRegister(m.syncs, m.syncDuration, m.lastSuccess, m.reconnects, m.errors,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 		&stateCollector{rec: rec, relay: relay})
 	return m
@@ -71,6 +67,7 @@ func (m *metrics) observeSync(d time.Duration, err error) {
 var (
 	descMappings = prometheus.NewDesc("berth_mappings", "Mappings by mode and state.", []string{"mode", "state"}, nil)
 	descDocker   = prometheus.NewDesc("berth_docker_connected", "1 while the Docker event stream is up.", nil, nil)
+	descFlush    = prometheus.NewDesc("berth_nat_flush_recoveries_total", "Times berth found its NAT chains flushed or removed and reinstalled them.", nil, nil)
 	descConns    = prometheus.NewDesc("berth_relay_connections_total", "TCP connections the relay accepted.", nil, nil)
 	descActive   = prometheus.NewDesc("berth_relay_active_connections", "TCP connections open through the relay now.", nil, nil)
 	descBytes    = prometheus.NewDesc("berth_relay_bytes_total", "Bytes the relay carried, by direction (in: client to container).", []string{"direction"}, nil)
@@ -86,7 +83,7 @@ type stateCollector struct {
 }
 
 func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descMappings, descDocker, descConns, descActive, descBytes, descFlows, descDrops, descRelayErr} {
+	for _, d := range []*prometheus.Desc{descMappings, descDocker, descFlush, descConns, descActive, descBytes, descFlows, descDrops, descRelayErr} {
 		ch <- d
 	}
 }
@@ -111,6 +108,7 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 		up = 1
 	}
 	ch <- prometheus.MustNewConstMetric(descDocker, prometheus.GaugeValue, up)
+	ch <- prometheus.MustNewConstMetric(descFlush, prometheus.CounterValue, float64(sum.FlushRecoveries))
 	if c.relay == nil {
 		return
 	}

@@ -211,14 +211,7 @@ func writeJSON(w http.ResponseWriter, v any) {
 // canaryLoop checks berth's NAT chains every interval; when someone flushed
 // them it restores the chains and triggers a full sync.
 func canaryLoop(ctx context.Context, log logrus.FieldLogger, nat natBackend, every time.Duration, d *daemon, trigger func()) {
-	t := time.NewTicker(every)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
+	tick(ctx, every, func() {
 		ok, err := nat.Check(ctx)
 		if ctx.Err() != nil {
 			return
@@ -226,10 +219,10 @@ func canaryLoop(ctx context.Context, log logrus.FieldLogger, nat natBackend, eve
 		if err != nil {
 			d.m.errors.WithLabelValues("canary").Inc()
 			log.WithError(err).Warn("nat canary check failed")
-			continue
+			return
 		}
 		if ok {
-			continue
+			return
 		}
 		log.Warn("berth's NAT chains were flushed or removed (firewall reload?); reinstalling")
 		if err := nat.Ensure(ctx); err != nil {
@@ -237,8 +230,21 @@ func canaryLoop(ctx context.Context, log logrus.FieldLogger, nat natBackend, eve
 		}
 		d.rec.NoteFlushRecovery()
 		d.rec.RequestFullList()
-		d.m.flushRecoveries.Inc()
 		trigger()
+	})
+}
+
+// tick calls fn every interval until ctx ends.
+func tick(ctx context.Context, every time.Duration, fn func()) {
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			fn()
+		}
 	}
 }
 
@@ -259,19 +265,12 @@ func (d *daemon) watchdog(ctx context.Context, log logrus.FieldLogger, resync ti
 	if err != nil || every <= 0 {
 		return
 	}
-	t := time.NewTicker(every / 2)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
+	tick(ctx, every/2, func() {
 		d.mu.Lock()
 		last := d.lastLoop
 		d.mu.Unlock()
 		if !last.IsZero() && time.Since(last) < 2*resync+every {
 			sdNotify(log, sd.SdNotifyWatchdog)
 		}
-	}
+	})
 }

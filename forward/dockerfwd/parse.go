@@ -211,13 +211,7 @@ func ParseNFTTable(text, family string) []Forward {
 		via = ViaNFT6
 	}
 	var out []Forward
-	for len(text) > 0 {
-		var line string
-		if i := strings.IndexByte(text, '\n'); i >= 0 {
-			line, text = text[:i], text[i+1:]
-		} else {
-			line, text = text, ""
-		}
+	for line := range strings.Lines(text) {
 		if !strings.Contains(line, "dnat ") {
 			continue
 		}
