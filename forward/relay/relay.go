@@ -62,10 +62,18 @@ func (o Options) withDefaults() Options {
 	return o
 }
 
-// keepAlive is set on both legs of every TCP connection: a peer that
+// Keep-alive on the client leg of every TCP connection: a peer that
 // vanishes without a FIN or RST is noticed within about two minutes instead
-// of holding a connection slot (MaxConns) forever.
-var keepAlive = net.KeepAliveConfig{Enable: true, Idle: 60 * time.Second, Interval: 15 * time.Second, Count: 4}
+// of holding a connection slot (MaxConns) forever. It is set once on the
+// listening socket; Linux copies it to every accepted one, which saves four
+// setsockopt calls per connection. The container leg has none: a container
+// cannot vanish without berth seeing it, and its mapping's removal ends
+// those connections.
+const (
+	keepIdle  = 60 // seconds
+	keepIntvl = 15
+	keepCnt   = 4
+)
 
 // Relay is an in-process forward.Forwarder. Apply and List are for one
 // goroutine at a time; Stats may be called concurrently with them.
@@ -189,7 +197,7 @@ func (r *Relay) Close() error {
 		r.shutdown(l, 0)
 	}
 	for l := range r.draining {
-		l.cancel()
+		l.endAll()
 	}
 	r.mu.Unlock()
 	r.wg.Wait()
@@ -228,12 +236,13 @@ type listener struct {
 	tcp *net.TCPListener
 	udp *udpSocket
 
-	ctx    context.Context // ends every connection and flow of the mapping
+	ctx    context.Context // bounds the dials of the mapping's connections
 	cancel context.CancelFunc
 	stop   chan struct{} // closed before the socket is, to cut a backoff sleep
 	done   chan struct{} // closed when the serve loop has returned
 
 	mu    sync.Mutex
+	ended bool // every connection ended (endAll), new ones too
 	conns map[*tcpConn]struct{}
 	flows map[netip.AddrPort]*flow
 }
@@ -263,9 +272,9 @@ func (r *Relay) listen(m forward.Mapping) (*listener, error) {
 		network = string(m.Proto) + "6"
 	}
 	lc := net.ListenConfig{
-		KeepAliveConfig: keepAlive,
+		KeepAlive: -1, // set on the listening socket, which accepted ones inherit
 		Control: func(network string, _ string, c syscall.RawConn) error {
-			return sockopts(c, m.Is6(), m.Proto == forward.UDP && host.Addr().IsUnspecified())
+			return sockopts(c, m.Is6(), m.Proto, host.Addr().IsUnspecified())
 		},
 	}
 	l := &listener{
@@ -311,8 +320,9 @@ func (r *Relay) listen(m forward.Mapping) (*listener, error) {
 // sockopts runs before bind. IPV6_V6ONLY keeps [::]:P off the IPv4 side,
 // where dockerd or a NAT mapping may hold 0.0.0.0:P. PKTINFO on a wildcard
 // UDP socket tells which local address a datagram was sent to, so replies
-// leave from that address and not whatever the routing table picks.
-func sockopts(c syscall.RawConn, v6, pktinfo bool) error {
+// leave from that address and not whatever the routing table picks. TCP
+// listeners get the keep-alive their connections inherit.
+func sockopts(c syscall.RawConn, v6 bool, proto forward.Proto, wildcard bool) error {
 	var serr error
 	err := c.Control(func(fd uintptr) {
 		if v6 {
@@ -321,7 +331,20 @@ func sockopts(c syscall.RawConn, v6, pktinfo bool) error {
 				return
 			}
 		}
-		if pktinfo {
+		if proto == forward.TCP {
+			for _, o := range [...][3]int{
+				{unix.SOL_SOCKET, unix.SO_KEEPALIVE, 1},
+				{unix.IPPROTO_TCP, unix.TCP_KEEPIDLE, keepIdle},
+				{unix.IPPROTO_TCP, unix.TCP_KEEPINTVL, keepIntvl},
+				{unix.IPPROTO_TCP, unix.TCP_KEEPCNT, keepCnt},
+			} {
+				if serr = unix.SetsockoptInt(int(fd), o[0], o[1], o[2]); serr != nil {
+					serr = fmt.Errorf("keep-alive: %w", serr)
+					return
+				}
+			}
+		}
+		if proto == forward.UDP && wildcard {
 			if v6 {
 				serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_IPV6, unix.IPV6_RECVPKTINFO, 1)
 			} else {
@@ -405,9 +428,21 @@ func (l *listener) endStale(udp bool) {
 	}
 	for c := range l.conns {
 		if c.m != cur {
-			c.cancel()
+			c.end()
 		}
 	}
+}
+
+// endAll ends every TCP connection of the listener, and any that is still
+// being accepted or dialled.
+func (l *listener) endAll() {
+	l.cancel()
+	l.mu.Lock()
+	l.ended = true
+	for c := range l.conns {
+		c.end()
+	}
+	l.mu.Unlock()
 }
 
 // shutdown closes the listening socket and waits until the port is free.
@@ -426,12 +461,12 @@ func (r *Relay) shutdown(l *listener, drain time.Duration) {
 		l.endStale(true)
 	}
 	if l.udp != nil || drain <= 0 {
-		l.cancel()
+		l.endAll()
 		return
 	}
 	r.draining[l] = struct{}{}
 	time.AfterFunc(drain, func() {
-		l.cancel()
+		l.endAll()
 		r.mu.Lock()
 		delete(r.draining, l)
 		r.mu.Unlock()

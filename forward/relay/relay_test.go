@@ -10,12 +10,14 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
 	proxyproto "github.com/pires/go-proxyproto"
+	"golang.org/x/sys/unix"
 
 	"github.com/berth-dev/berth/forward"
 	"github.com/berth-dev/berth/forward/forwardtest"
@@ -643,5 +645,46 @@ func TestApplyRejectsBadMappings(t *testing.T) {
 	got, _ := r.List(context.Background())
 	if len(got) != 1 || got[0] != good {
 		t.Fatalf("List = %v, want %s", got, good)
+	}
+}
+
+// TestKeepAliveOnClientLeg: the accepted (client) socket carries the
+// keep-alive that was set once on the listening socket.
+func TestKeepAliveOnClientLeg(t *testing.T) {
+	r := newRelay(t, Options{})
+	m := mapping(forward.TCP, "127.0.0.1", lineEcho(t))
+	mustApply(t, r, []forward.Mapping{m}, nil)
+	c, err := net.Dial("tcp4", hostAddr("127.0.0.1", m))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := roundTrip(c, "hello"); err != nil {
+		t.Fatal(err)
+	}
+	r.mu.Lock()
+	l := r.listeners[m.Key]
+	r.mu.Unlock()
+	l.mu.Lock()
+	var got [][2]int
+	for tc := range l.conns {
+		raw, err := tc.client.SyscallConn()
+		if err != nil {
+			t.Fatal(err)
+		}
+		raw.Control(func(fd uintptr) {
+			for _, o := range [][2]int{{unix.SOL_SOCKET, unix.SO_KEEPALIVE}, {unix.IPPROTO_TCP, unix.TCP_KEEPIDLE}, {unix.IPPROTO_TCP, unix.TCP_KEEPINTVL}, {unix.IPPROTO_TCP, unix.TCP_KEEPCNT}} {
+				v, err := unix.GetsockoptInt(int(fd), o[0], o[1])
+				if err != nil {
+					t.Error(err)
+				}
+				got = append(got, [2]int{o[1], v})
+			}
+		})
+	}
+	l.mu.Unlock()
+	want := [][2]int{{unix.SO_KEEPALIVE, 1}, {unix.TCP_KEEPIDLE, keepIdle}, {unix.TCP_KEEPINTVL, keepIntvl}, {unix.TCP_KEEPCNT, keepCnt}}
+	if !slices.Equal(got, want) {
+		t.Fatalf("client leg socket options (option, value) = %v, want %v", got, want)
 	}
 }

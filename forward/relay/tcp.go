@@ -1,7 +1,6 @@
 package relay
 
 import (
-	"context"
 	"errors"
 	"io"
 	"net"
@@ -13,10 +12,23 @@ import (
 	"github.com/berth-dev/berth/forward"
 )
 
-// tcpConn is one relayed connection; cancel closes both legs.
+// tcpConn is one relayed connection. end closes both legs; it is called
+// under the listener's mu, which also guards up and ended.
 type tcpConn struct {
-	m      *forward.Mapping
-	cancel context.CancelFunc
+	m          *forward.Mapping
+	client, up *net.TCPConn
+	ended      bool
+}
+
+func (c *tcpConn) end() {
+	if c.ended {
+		return
+	}
+	c.ended = true
+	c.client.Close()
+	if c.up != nil {
+		c.up.Close()
+	}
 }
 
 func (l *listener) serveTCP() {
@@ -49,34 +61,46 @@ func (l *listener) serveTCP() {
 	}
 }
 
+// serveConn relays one accepted connection. It costs what docker-proxy's
+// does or less: no context or timer of its own (the listener's context
+// bounds the dial, its mutex guards ending), keep-alive inherited from the
+// listening socket, none on the container leg (berth ends those itself
+// when the mapping goes), and the returning direction on this goroutine.
 func (l *listener) serveConn(client *net.TCPConn) {
 	defer l.wg.Done()
-	ctx, cancel := context.WithCancel(l.ctx)
-	c := &tcpConn{cancel: cancel}
+	c := &tcpConn{client: client}
 	l.mu.Lock()
 	c.m = l.mapping.Load()
 	l.conns[c] = struct{}{}
+	ended := l.ended
 	l.mu.Unlock()
 	defer func() {
 		l.mu.Lock()
 		delete(l.conns, c)
+		c.end()
 		l.mu.Unlock()
-		cancel()
 		l.stats.active.Add(-1)
 	}()
-	context.AfterFunc(ctx, func() { client.Close() })
+	if ended {
+		return
+	}
 
-	d := net.Dialer{Timeout: l.opts.DialTimeout, KeepAliveConfig: keepAlive}
-	uc, err := d.DialContext(ctx, "tcp", c.m.Target().String())
+	d := net.Dialer{Timeout: l.opts.DialTimeout, KeepAlive: -1}
+	uc, err := d.DialContext(l.ctx, "tcp", c.m.Target().String())
 	if err != nil {
-		if ctx.Err() == nil {
+		if l.ctx.Err() == nil {
 			l.stats.errors.Add(1)
 			client.SetLinger(0) // reset, as a closed port would
 		}
 		return
 	}
 	up := uc.(*net.TCPConn)
-	context.AfterFunc(ctx, func() { up.Close() })
+	l.mu.Lock()
+	c.up = up
+	if c.ended { // ended while dialling
+		up.Close()
+	}
+	l.mu.Unlock()
 
 	if c.m.ProxyProtocol == 2 {
 		h := proxyproto.HeaderProxyFromAddrs(2, client.RemoteAddr(), client.LocalAddr())
@@ -90,13 +114,13 @@ func (l *listener) serveConn(client *net.TCPConn) {
 	go func() {
 		err := pipe(up, client, &l.stats.bytesIn)
 		if err != nil {
-			cancel()
+			l.endConn(c)
 		}
 		errc <- err
 	}()
 	err1 := pipe(client, up, &l.stats.bytesOut)
 	if err1 != nil {
-		cancel()
+		l.endConn(c)
 	}
 	err2 := <-errc
 	// The side that failed first counts; the other then sees its socket
@@ -107,6 +131,12 @@ func (l *listener) serveConn(client *net.TCPConn) {
 			break
 		}
 	}
+}
+
+func (l *listener) endConn(c *tcpConn) {
+	l.mu.Lock()
+	c.end()
+	l.mu.Unlock()
 }
 
 // chunk is how much one splice round may move before the byte counters are
