@@ -129,6 +129,7 @@ type Stats struct {
 	BytesIn   uint64 `json:"bytes_in"`           // client -> container
 	BytesOut  uint64 `json:"bytes_out"`          // container -> client
 	Flows     uint64 `json:"udp_flows"`          // UDP flows created
+	ActiveUDP int64  `json:"active_udp_flows"`   // UDP flows open now
 	Drops     uint64 `json:"drops"`              // refused: table or connection limit
 	Errors    uint64 `json:"errors"`             // dial, copy or write failures
 }

@@ -72,6 +72,7 @@ var (
 	descActive   = prometheus.NewDesc("berth_relay_active_connections", "TCP connections open through the relay now.", nil, nil)
 	descBytes    = prometheus.NewDesc("berth_relay_bytes_total", "Bytes the relay carried, by direction (in: client to container).", []string{"direction"}, nil)
 	descFlows    = prometheus.NewDesc("berth_relay_udp_flows_total", "UDP flows the relay created.", nil, nil)
+	descFlowsNow = prometheus.NewDesc("berth_relay_active_udp_flows", "UDP flows open in the relay now.", nil, nil)
 	descDrops    = prometheus.NewDesc("berth_relay_drops_total", "Connections and datagrams refused because a table or connection limit was full.", nil, nil)
 	descRelayErr = prometheus.NewDesc("berth_relay_errors_total", "Dial, copy and write failures in the relay.", nil, nil)
 )
@@ -83,7 +84,7 @@ type stateCollector struct {
 }
 
 func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descMappings, descDocker, descFlush, descConns, descActive, descBytes, descFlows, descDrops, descRelayErr} {
+	for _, d := range []*prometheus.Desc{descMappings, descDocker, descFlush, descConns, descActive, descBytes, descFlows, descFlowsNow, descDrops, descRelayErr} {
 		ch <- d
 	}
 }
@@ -119,6 +120,7 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 		t.BytesIn += s.BytesIn
 		t.BytesOut += s.BytesOut
 		t.Flows += s.Flows
+		t.ActiveUDP += s.ActiveUDP
 		t.Drops += s.Drops
 		t.Errors += s.Errors
 	}
@@ -127,6 +129,7 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(descBytes, prometheus.CounterValue, float64(t.BytesIn), "in")
 	ch <- prometheus.MustNewConstMetric(descBytes, prometheus.CounterValue, float64(t.BytesOut), "out")
 	ch <- prometheus.MustNewConstMetric(descFlows, prometheus.CounterValue, float64(t.Flows))
+	ch <- prometheus.MustNewConstMetric(descFlowsNow, prometheus.GaugeValue, float64(t.ActiveUDP))
 	ch <- prometheus.MustNewConstMetric(descDrops, prometheus.CounterValue, float64(t.Drops))
 	ch <- prometheus.MustNewConstMetric(descRelayErr, prometheus.CounterValue, float64(t.Errors))
 }

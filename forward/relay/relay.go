@@ -85,7 +85,8 @@ type Relay struct {
 	draining  map[*listener]struct{} // removed, TCP connections still open
 	closed    bool
 
-	wg sync.WaitGroup // every goroutine the relay started
+	wg  sync.WaitGroup // every goroutine the relay started
+	udp *udpLoop       // serves every UDP mapping; started with the first
 }
 
 var (
@@ -201,13 +202,16 @@ func (r *Relay) Close() error {
 	}
 	r.mu.Unlock()
 	r.wg.Wait()
+	if r.udp != nil {
+		r.udp.close()
+	}
 	return nil
 }
 
 // counters are one mapping's forward.Stats, updated with atomics.
 type counters struct {
 	conns, bytesIn, bytesOut, flows, drops, errors atomic.Uint64
-	active                                         atomic.Int64
+	active, activeFlows                            atomic.Int64
 }
 
 func (c *counters) snapshot() forward.Stats {
@@ -217,6 +221,7 @@ func (c *counters) snapshot() forward.Stats {
 		BytesIn:   c.bytesIn.Load(),
 		BytesOut:  c.bytesOut.Load(),
 		Flows:     c.flows.Load(),
+		ActiveUDP: c.activeFlows.Load(),
 		Drops:     c.drops.Load(),
 		Errors:    c.errors.Load(),
 	}
@@ -233,8 +238,9 @@ type listener struct {
 	stats   counters
 	live    atomic.Bool
 
-	tcp *net.TCPListener
-	udp *udpSocket
+	tcp  *net.TCPListener
+	udp  *udpSocket
+	loop *udpLoop // the relay's, for a UDP listener
 
 	ctx    context.Context // bounds the dials of the mapping's connections
 	cancel context.CancelFunc
@@ -244,7 +250,7 @@ type listener struct {
 	mu    sync.Mutex
 	ended bool // every connection ended (endAll), new ones too
 	conns map[*tcpConn]struct{}
-	flows map[netip.AddrPort]*flow
+	flows map[netip.AddrPort]*flow // guarded by loop.mu
 }
 
 // check rejects mappings the relay cannot serve before touching a socket.
@@ -267,16 +273,6 @@ func (r *Relay) listen(m forward.Mapping) (*listener, error) {
 		return nil, err
 	}
 	host := netip.AddrPortFrom(m.HostIP.Unmap(), m.HostPort)
-	network := string(m.Proto) + "4"
-	if m.Is6() {
-		network = string(m.Proto) + "6"
-	}
-	lc := net.ListenConfig{
-		KeepAlive: -1, // set on the listening socket, which accepted ones inherit
-		Control: func(network string, _ string, c syscall.RawConn) error {
-			return sockopts(c, m.Is6(), m.Proto, host.Addr().IsUnspecified())
-		},
-	}
 	l := &listener{
 		key:   m.Key,
 		opts:  &r.opts,
@@ -288,41 +284,47 @@ func (r *Relay) listen(m forward.Mapping) (*listener, error) {
 	l.mapping.Store(&m)
 	switch m.Proto {
 	case forward.TCP:
+		network := "tcp4"
+		if m.Is6() {
+			network = "tcp6"
+		}
+		lc := net.ListenConfig{
+			KeepAlive: -1, // set on the listening socket, which accepted ones inherit
+			Control:   func(_, _ string, c syscall.RawConn) error { return tcpSockopts(c, m.Is6()) },
+		}
 		ln, err := lc.Listen(context.Background(), network, host.String())
 		if err != nil {
 			return nil, bindError(m, err)
 		}
 		l.tcp = ln.(*net.TCPListener)
 	case forward.UDP:
-		pc, err := lc.ListenPacket(context.Background(), network, host.String())
-		if err != nil {
+		if r.udp == nil {
+			lp, err := newUDPLoop(&r.opts)
+			if err != nil {
+				return nil, err
+			}
+			r.udp = lp
+		}
+		l.loop = r.udp
+		if err := r.udp.listenUDP(l, host); err != nil {
 			return nil, bindError(m, err)
 		}
-		u, err := newUDPSocket(pc.(*net.UDPConn), host)
-		if err != nil {
-			pc.Close()
-			return nil, err
-		}
-		l.udp = u
-		l.flows = map[netip.AddrPort]*flow{}
 	}
 	l.ctx, l.cancel = context.WithCancel(context.Background())
 	l.live.Store(true)
-	r.wg.Add(1)
 	if l.tcp != nil {
+		r.wg.Add(1)
 		go l.serveTCP()
 	} else {
-		go l.serveUDP()
+		close(l.done) // the UDP loop serves it
 	}
 	return l, nil
 }
 
-// sockopts runs before bind. IPV6_V6ONLY keeps [::]:P off the IPv4 side,
-// where dockerd or a NAT mapping may hold 0.0.0.0:P. PKTINFO on a wildcard
-// UDP socket tells which local address a datagram was sent to, so replies
-// leave from that address and not whatever the routing table picks. TCP
-// listeners get the keep-alive their connections inherit.
-func sockopts(c syscall.RawConn, v6 bool, proto forward.Proto, wildcard bool) error {
+// tcpSockopts runs before bind. IPV6_V6ONLY keeps [::]:P off the IPv4 side,
+// where dockerd or a NAT mapping may hold 0.0.0.0:P. The keep-alive is the
+// one accepted connections inherit.
+func tcpSockopts(c syscall.RawConn, v6 bool) error {
 	var serr error
 	err := c.Control(func(fd uintptr) {
 		if v6 {
@@ -331,27 +333,15 @@ func sockopts(c syscall.RawConn, v6 bool, proto forward.Proto, wildcard bool) er
 				return
 			}
 		}
-		if proto == forward.TCP {
-			for _, o := range [...][3]int{
-				{unix.SOL_SOCKET, unix.SO_KEEPALIVE, 1},
-				{unix.IPPROTO_TCP, unix.TCP_KEEPIDLE, keepIdle},
-				{unix.IPPROTO_TCP, unix.TCP_KEEPINTVL, keepIntvl},
-				{unix.IPPROTO_TCP, unix.TCP_KEEPCNT, keepCnt},
-			} {
-				if serr = unix.SetsockoptInt(int(fd), o[0], o[1], o[2]); serr != nil {
-					serr = fmt.Errorf("keep-alive: %w", serr)
-					return
-				}
-			}
-		}
-		if proto == forward.UDP && wildcard {
-			if v6 {
-				serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_IPV6, unix.IPV6_RECVPKTINFO, 1)
-			} else {
-				serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_IP, unix.IP_PKTINFO, 1)
-			}
-			if serr != nil {
-				serr = fmt.Errorf("PKTINFO: %w", serr)
+		for _, o := range [...][3]int{
+			{unix.SOL_SOCKET, unix.SO_KEEPALIVE, 1},
+			{unix.IPPROTO_TCP, unix.TCP_KEEPIDLE, keepIdle},
+			{unix.IPPROTO_TCP, unix.TCP_KEEPINTVL, keepIntvl},
+			{unix.IPPROTO_TCP, unix.TCP_KEEPCNT, keepCnt},
+		} {
+			if serr = unix.SetsockoptInt(int(fd), o[0], o[1], o[2]); serr != nil {
+				serr = fmt.Errorf("keep-alive: %w", serr)
+				return
 			}
 		}
 	})
@@ -397,35 +387,30 @@ func bindError(m forward.Mapping, err error) error {
 // swap points the listener at n. Connections and flows still using the old
 // mapping are ended: TCP after drain, UDP at once.
 func (l *listener) swap(n forward.Mapping, drain time.Duration) {
+	if l.udp != nil {
+		l.loop.mu.Lock()
+		l.mapping.Store(&n)
+		cur := l.mapping.Load()
+		l.loop.endFlows(l, func(f *flow) bool { return f.m != cur })
+		l.loop.mu.Unlock()
+		return
+	}
 	l.mu.Lock()
 	l.mapping.Store(&n)
 	l.mu.Unlock()
-	if l.udp != nil {
-		l.endStale(true)
-		return
-	}
 	if drain <= 0 {
-		l.endStale(false)
+		l.endStale()
 		return
 	}
-	time.AfterFunc(drain, func() { l.endStale(false) })
+	time.AfterFunc(drain, l.endStale)
 }
 
-// endStale ends the connections (or flows) registered with a mapping other
-// than the current one; once the listener is shut down, every flow.
-func (l *listener) endStale(udp bool) {
+// endStale ends the TCP connections registered with a mapping other than
+// the current one.
+func (l *listener) endStale() {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	cur := l.mapping.Load()
-	if udp {
-		for k, f := range l.flows {
-			if f.m != cur || !l.live.Load() {
-				delete(l.flows, k)
-				f.up.Close()
-			}
-		}
-		return
-	}
 	for c := range l.conns {
 		if c.m != cur {
 			c.end()
@@ -454,12 +439,9 @@ func (r *Relay) shutdown(l *listener, drain time.Duration) {
 	if l.tcp != nil {
 		l.tcp.Close()
 	} else {
-		l.udp.conn.Close()
+		l.loop.closeUDP(l)
 	}
 	<-l.done
-	if l.udp != nil {
-		l.endStale(true)
-	}
 	if l.udp != nil || drain <= 0 {
 		l.endAll()
 		return

@@ -443,8 +443,11 @@ func (r *Relay) flowCount(k forward.Key) int {
 	r.mu.Lock()
 	l := r.listeners[k]
 	r.mu.Unlock()
-	l.mu.Lock()
-	defer l.mu.Unlock()
+	l.loop.mu.Lock()
+	defer l.loop.mu.Unlock()
+	if n := int(l.stats.activeFlows.Load()); n != len(l.flows) {
+		panic(fmt.Sprintf("active flows gauge %d, flow table %d", n, len(l.flows)))
+	}
 	return len(l.flows)
 }
 
