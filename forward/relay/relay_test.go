@@ -439,14 +439,16 @@ func TestUDPFlowLimit(t *testing.T) {
 	}
 }
 
-func (r *Relay) flowCount(k forward.Key) int {
+// flowCount is the size of a mapping's flow table; the active-flows gauge
+// in its stats must say the same.
+func (r *Relay) flowCount(t *testing.T, k forward.Key) int {
 	r.mu.Lock()
 	l := r.listeners[k]
 	r.mu.Unlock()
 	l.loop.mu.Lock()
 	defer l.loop.mu.Unlock()
 	if n := int(l.stats.activeFlows.Load()); n != len(l.flows) {
-		panic(fmt.Sprintf("active flows gauge %d, flow table %d", n, len(l.flows)))
+		t.Errorf("active UDP flows gauge %d, flow table %d", n, len(l.flows))
 	}
 	return len(l.flows)
 }
@@ -465,7 +467,7 @@ func TestUDPIdleTimeout(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if n := r.flowCount(m.Key); n != 3 {
+	if n := r.flowCount(t, m.Key); n != 3 {
 		t.Fatalf("%d flows, want 3", n)
 	}
 	// A flow with traffic outlives the timeout.
@@ -480,10 +482,68 @@ func TestUDPIdleTimeout(t *testing.T) {
 		}
 		time.Sleep(80 * time.Millisecond)
 	}
-	if n := r.flowCount(m.Key); n != 1 {
+	if n := r.flowCount(t, m.Key); n != 1 {
 		t.Fatalf("%d flows after the idle ones expired, want the busy one", n)
 	}
-	eventually(t, "flows to expire", func() bool { return r.flowCount(m.Key) == 0 })
+	eventually(t, "flows to expire", func() bool { return r.flowCount(t, m.Key) == 0 })
+}
+
+// TestUDPBatches: more clients than one recvmmsg batch send at once; each
+// gets exactly its own datagrams back, in order, from the published
+// address (the replies of many flows leave through one sendmmsg). The last
+// round sends the largest IPv4 datagram, from two clients only (a burst of
+// those would overflow the default socket buffers, on any relay).
+func TestUDPBatches(t *testing.T) {
+	r := newRelay(t, Options{})
+	m := mapping(forward.UDP, "0.0.0.0", udpEcho(t))
+	mustApply(t, r, []forward.Mapping{m}, nil)
+	const clients = 3 * batch
+	sizes := []int{1, 200, 1400, maxUDP - 28}
+	cs := make([]*net.UDPConn, clients)
+	for i := range cs {
+		c, err := net.DialUDP("udp4", nil, net.UDPAddrFromAddrPort(netip.MustParseAddrPort(hostAddr("127.0.0.1", m))))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		cs[i] = c
+	}
+	msg := func(i, j int) []byte {
+		b := bytes.Repeat([]byte{byte(i)}, sizes[j])
+		copy(b, fmt.Sprintf("%d/%d", i, j))
+		return b
+	}
+	buf := make([]byte, maxUDP)
+	for j := range sizes {
+		senders := cs
+		if j == len(sizes)-1 {
+			senders = cs[:2]
+		}
+		// Every client sends before any reads, so datagrams queue up on
+		// the listening socket and replies on the flows.
+		for i, c := range senders {
+			if _, err := c.Write(msg(i, j)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		for i, c := range senders {
+			c.SetReadDeadline(time.Now().Add(5 * time.Second))
+			n, from, err := c.ReadFromUDPAddrPort(buf)
+			if err != nil {
+				t.Fatalf("client %d, datagram of %d bytes: %v", i, sizes[j], err)
+			}
+			if want := hostAddr("127.0.0.1", m); from.String() != want {
+				t.Errorf("client %d: reply from %s, want %s", i, from, want)
+			}
+			if want := msg(i, j); !bytes.Equal(buf[:n], want) {
+				t.Fatalf("client %d: got %d bytes starting %q, want %d starting %q", i, n, buf[:min(n, 8)], len(want), want[:min(len(want), 8)])
+			}
+		}
+	}
+	st := r.Stats()[m.Key]
+	if st.ActiveUDP != clients || st.Flows != clients || st.Drops != 0 || st.Errors != 0 {
+		t.Errorf("stats %+v: want %d flows open and created, no drops or errors", st, clients)
+	}
 }
 
 func TestRemoveClosesConnections(t *testing.T) {
