@@ -85,8 +85,8 @@ type Relay struct {
 	draining  map[*listener]struct{} // removed, TCP connections still open
 	closed    bool
 
-	wg  sync.WaitGroup // every goroutine the relay started
-	udp *udpLoop       // serves every UDP mapping; started with the first
+	wg   sync.WaitGroup // every goroutine the relay started
+	loop *pollLoop      // waits on every listening socket; started with the first
 }
 
 var (
@@ -202,8 +202,8 @@ func (r *Relay) Close() error {
 	}
 	r.mu.Unlock()
 	r.wg.Wait()
-	if r.udp != nil {
-		r.udp.close()
+	if r.loop != nil {
+		r.loop.close()
 	}
 	return nil
 }
@@ -240,12 +240,15 @@ type listener struct {
 
 	tcp  *net.TCPListener
 	udp  *udpSocket
-	loop *udpLoop // the relay's, for a UDP listener
+	loop *pollLoop // the relay's
 
 	ctx    context.Context // bounds the dials of the mapping's connections
 	cancel context.CancelFunc
 	stop   chan struct{} // closed before the socket is, to cut a backoff sleep
-	done   chan struct{} // closed when the serve loop has returned
+
+	accepting sync.WaitGroup // an accept burst (TCP)
+	tfd       int            // the TCP socket's fd, watched by the loop
+	tgen      uint32         // its epoll token
 
 	mu    sync.Mutex
 	ended bool // every connection ended (endAll), new ones too
@@ -278,10 +281,18 @@ func (r *Relay) listen(m forward.Mapping) (*listener, error) {
 		opts:  &r.opts,
 		wg:    &r.wg,
 		stop:  make(chan struct{}),
-		done:  make(chan struct{}),
 		conns: map[*tcpConn]struct{}{},
 	}
 	l.mapping.Store(&m)
+	if r.loop == nil {
+		lp, err := newPollLoop(&r.opts)
+		if err != nil {
+			return nil, err
+		}
+		r.loop = lp
+	}
+	l.loop = r.loop
+	l.ctx, l.cancel = context.WithCancel(context.Background())
 	switch m.Proto {
 	case forward.TCP:
 		network := "tcp4"
@@ -294,30 +305,22 @@ func (r *Relay) listen(m forward.Mapping) (*listener, error) {
 		}
 		ln, err := lc.Listen(context.Background(), network, host.String())
 		if err != nil {
+			l.cancel()
 			return nil, bindError(m, err)
 		}
 		l.tcp = ln.(*net.TCPListener)
-	case forward.UDP:
-		if r.udp == nil {
-			lp, err := newUDPLoop(&r.opts)
-			if err != nil {
-				return nil, err
-			}
-			r.udp = lp
+		if err := r.loop.watchTCP(l); err != nil {
+			l.cancel()
+			l.tcp.Close()
+			return nil, err
 		}
-		l.loop = r.udp
-		if err := r.udp.listenUDP(l, host); err != nil {
+	case forward.UDP:
+		if err := r.loop.listenUDP(l, host); err != nil {
+			l.cancel()
 			return nil, bindError(m, err)
 		}
 	}
-	l.ctx, l.cancel = context.WithCancel(context.Background())
 	l.live.Store(true)
-	if l.tcp != nil {
-		r.wg.Add(1)
-		go l.serveTCP()
-	} else {
-		close(l.done) // the UDP loop serves it
-	}
 	return l, nil
 }
 
@@ -437,11 +440,12 @@ func (r *Relay) shutdown(l *listener, drain time.Duration) {
 	l.live.Store(false)
 	close(l.stop)
 	if l.tcp != nil {
+		l.loop.unwatchTCP(l)
 		l.tcp.Close()
+		l.accepting.Wait() // the port is free once no Accept holds the socket
 	} else {
 		l.loop.closeUDP(l)
 	}
-	<-l.done
 	if l.udp != nil || drain <= 0 {
 		l.endAll()
 		return

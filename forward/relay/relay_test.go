@@ -573,6 +573,9 @@ func TestDrainKeepsConnectionsForAWhile(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close()
+	// Open means accepted by the relay: one still in the kernel's backlog
+	// is reset when the listening socket closes, as on any server.
+	eventually(t, "the relay to accept", func() bool { return r.Stats()[m.Key].Conns == 1 })
 	removed := time.Now()
 	mustApply(t, r, nil, []forward.Mapping{m})
 	if _, err := net.DialTimeout("tcp4", hostAddr("127.0.0.1", m), time.Second); err == nil {

@@ -67,8 +67,9 @@ type flow struct {
 // that an event read just before its fd was closed and reused is ignored.
 type handle struct {
 	gen uint32
-	s   *udpSocket // a listening socket, or
-	f   *flow      // a flow socket
+	s   *udpSocket // a listening UDP socket, or
+	f   *flow      // a flow socket, or
+	t   *listener  // a listening TCP socket (Go's; watched one-shot)
 }
 
 // slot is one datagram of a recvmmsg or sendmmsg batch and its buffer.
@@ -86,7 +87,7 @@ type mmsghdr struct {
 	len uint32
 }
 
-type udpLoop struct {
+type pollLoop struct {
 	opts *Options
 	epfd int
 	wake int // eventfd: close interrupts epoll_wait
@@ -106,7 +107,7 @@ type udpLoop struct {
 	done      chan struct{}
 }
 
-func newUDPLoop(opts *Options) (*udpLoop, error) {
+func newPollLoop(opts *Options) (*pollLoop, error) {
 	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
 	if err != nil {
 		return nil, fmt.Errorf("epoll_create: %w", err)
@@ -122,7 +123,7 @@ func newUDPLoop(opts *Options) (*udpLoop, error) {
 		unix.Close(wake)
 		return nil, fmt.Errorf("epoll_ctl: %w", err)
 	}
-	lp := &udpLoop{opts: opts, epfd: epfd, wake: wake, handles: map[int32]handle{}, done: make(chan struct{})}
+	lp := &pollLoop{opts: opts, epfd: epfd, wake: wake, handles: map[int32]handle{}, done: make(chan struct{})}
 	// The buffers' pages become resident only as datagrams fill them: an
 	// idle loop costs a few KiB, not 2×16×64 KiB.
 	for _, s := range []*[batch]slot{&lp.in, &lp.out} {
@@ -136,10 +137,13 @@ func newUDPLoop(opts *Options) (*udpLoop, error) {
 
 // close ends every flow and the loop; the listening sockets must already
 // be closed.
-func (lp *udpLoop) close() {
+func (lp *pollLoop) close() {
 	lp.mu.Lock()
 	lp.closed = true
 	for fd, h := range lp.handles {
+		if h.t != nil {
+			continue // Go's socket
+		}
 		unix.Close(int(fd))
 		if h.f != nil {
 			h.f.fd = -1
@@ -154,7 +158,7 @@ func (lp *udpLoop) close() {
 }
 
 // register adds fd to the loop. Called with lp.mu held.
-func (lp *udpLoop) register(fd int, h handle) (uint32, error) {
+func (lp *pollLoop) register(fd int, h handle) (uint32, error) {
 	lp.gen++
 	h.gen = lp.gen
 	ev := unix.EpollEvent{Events: unix.EPOLLIN, Fd: int32(fd), Pad: int32(h.gen)}
@@ -167,13 +171,56 @@ func (lp *udpLoop) register(fd int, h handle) (uint32, error) {
 
 // unregister closes fd, which also takes it out of the epoll set. Called
 // with lp.mu held.
-func (lp *udpLoop) unregister(fd int) {
+func (lp *pollLoop) unregister(fd int) {
 	delete(lp.handles, int32(fd))
 	unix.Close(fd)
 }
 
+// watchTCP adds a TCP listener's socket to the loop, one-shot: the loop
+// starts an accept burst when a connection waits, and the burst re-arms the
+// watch when it ends. The socket stays Go's (its netpoller has it too).
+func (lp *pollLoop) watchTCP(l *listener) error {
+	raw, err := l.tcp.SyscallConn()
+	if err != nil {
+		return err
+	}
+	raw.Control(func(fd uintptr) { l.tfd = int(fd) })
+	lp.mu.Lock()
+	defer lp.mu.Unlock()
+	lp.gen++
+	l.tgen = lp.gen
+	ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLONESHOT, Fd: int32(l.tfd), Pad: int32(l.tgen)}
+	if err := unix.EpollCtl(lp.epfd, unix.EPOLL_CTL_ADD, l.tfd, &ev); err != nil {
+		return fmt.Errorf("epoll_ctl: %w", err)
+	}
+	lp.handles[int32(l.tfd)] = handle{gen: l.tgen, t: l}
+	return nil
+}
+
+// rearmTCP watches a listener again after its accept burst. The handle
+// check makes sure the fd is still the listener's: unwatchTCP removes it
+// before the socket is closed and its number can be reused.
+func (lp *pollLoop) rearmTCP(l *listener) {
+	lp.mu.Lock()
+	defer lp.mu.Unlock()
+	if h, ok := lp.handles[int32(l.tfd)]; ok && h.t == l && h.gen == l.tgen {
+		ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLONESHOT, Fd: int32(l.tfd), Pad: int32(l.tgen)}
+		unix.EpollCtl(lp.epfd, unix.EPOLL_CTL_MOD, l.tfd, &ev)
+	}
+}
+
+// unwatchTCP takes a listener out of the loop before its socket is closed.
+func (lp *pollLoop) unwatchTCP(l *listener) {
+	lp.mu.Lock()
+	defer lp.mu.Unlock()
+	if h, ok := lp.handles[int32(l.tfd)]; ok && h.t == l && h.gen == l.tgen {
+		delete(lp.handles, int32(l.tfd))
+		unix.EpollCtl(lp.epfd, unix.EPOLL_CTL_DEL, l.tfd, nil)
+	}
+}
+
 // listenUDP opens and binds a mapping's UDP socket and adds it to the loop.
-func (lp *udpLoop) listenUDP(l *listener, host netip.AddrPort) error {
+func (lp *pollLoop) listenUDP(l *listener, host netip.AddrPort) error {
 	fd, err := socket(host.Addr(), unix.SOCK_DGRAM)
 	if err != nil {
 		return err
@@ -200,7 +247,7 @@ func (lp *udpLoop) listenUDP(l *listener, host netip.AddrPort) error {
 
 // closeUDP closes a listening socket, so the port is free when it returns,
 // and ends its flows.
-func (lp *udpLoop) closeUDP(l *listener) {
+func (lp *pollLoop) closeUDP(l *listener) {
 	lp.mu.Lock()
 	defer lp.mu.Unlock()
 	if l.udp.fd >= 0 {
@@ -211,7 +258,7 @@ func (lp *udpLoop) closeUDP(l *listener) {
 }
 
 // endFlows ends the flows of l for which end is true. Called with lp.mu held.
-func (lp *udpLoop) endFlows(l *listener, end func(*flow) bool) {
+func (lp *pollLoop) endFlows(l *listener, end func(*flow) bool) {
 	for k, f := range l.flows {
 		if end(f) {
 			delete(l.flows, k)
@@ -227,7 +274,7 @@ func (lp *udpLoop) endFlows(l *listener, end func(*flow) bool) {
 // Go's netpoller: parking the goroutine there and waking it costs a second
 // epoll_wait and a goroutine switch per wake-up, measured at 30% more CPU
 // per datagram than this.
-func (lp *udpLoop) run() {
+func (lp *pollLoop) run() {
 	defer close(lp.done)
 	for {
 		timeout := -1 // nothing to age: sleep until a datagram comes
@@ -250,10 +297,17 @@ func (lp *udpLoop) run() {
 			if !ok || h.gen != uint32(ev.Pad) {
 				continue // a socket closed meanwhile
 			}
-			if h.s != nil {
+			switch {
+			case h.s != nil:
 				lp.fromClients(h.s)
-			} else {
+			case h.f != nil:
 				lp.fromContainer(h.f)
+			default:
+				// Connections wait: accept them on a goroutine of
+				// their own until they stop coming (acceptBurst).
+				h.t.accepting.Add(1)
+				h.t.wg.Add(1)
+				go h.t.acceptBurst()
 			}
 		}
 		lp.flush()
@@ -266,7 +320,7 @@ func (lp *udpLoop) run() {
 
 // fromClients reads one batch of datagrams from a listening socket and
 // sends each into its client's flow.
-func (lp *udpLoop) fromClients(s *udpSocket) {
+func (lp *pollLoop) fromClients(s *udpSocket) {
 	l := s.l
 	for i := range lp.in {
 		sl := &lp.in[i]
@@ -321,7 +375,7 @@ func (lp *udpLoop) fromClients(s *udpSocket) {
 
 // newFlow opens a connected socket to the container for a new client.
 // The flow registers with the mapping current at this moment (see swap).
-func (lp *udpLoop) newFlow(s *udpSocket, client netip.AddrPort, dst netip.Addr, ifindex int, ok bool) (*flow, error) {
+func (lp *pollLoop) newFlow(s *udpSocket, client netip.AddrPort, dst netip.Addr, ifindex int, ok bool) (*flow, error) {
 	l := s.l
 	m := l.mapping.Load()
 	target := m.Target()
@@ -370,7 +424,7 @@ func (lp *udpLoop) newFlow(s *udpSocket, client netip.AddrPort, dst netip.Addr, 
 
 // fromContainer reads one reply of a flow and queues it to leave by the
 // listening socket, from the address the client sent to.
-func (lp *udpLoop) fromContainer(f *flow) {
+func (lp *pollLoop) fromContainer(f *flow) {
 	if f.l.udp.fd < 0 {
 		return
 	}
@@ -405,7 +459,7 @@ func (lp *udpLoop) fromContainer(f *flow) {
 
 // flush sends the queued replies, one sendmmsg per run of replies that
 // leave by the same socket.
-func (lp *udpLoop) flush() {
+func (lp *pollLoop) flush() {
 	for i := 0; i < lp.nout; {
 		s := lp.out[i].to
 		j := i + 1
@@ -433,7 +487,7 @@ func (lp *udpLoop) flush() {
 
 // pause stops reading a listening socket that failed (ENOMEM, ENOBUFS) until
 // the next sweep, so a lasting error does not spin the loop.
-func (lp *udpLoop) pause(s *udpSocket) {
+func (lp *pollLoop) pause(s *udpSocket) {
 	ev := unix.EpollEvent{Fd: int32(s.fd), Pad: int32(s.gen)}
 	if unix.EpollCtl(lp.epfd, unix.EPOLL_CTL_MOD, s.fd, &ev) == nil {
 		s.paused = true
@@ -444,19 +498,22 @@ func (lp *udpLoop) pause(s *udpSocket) {
 
 // sweepEvery is how often idle flows are looked for: a quarter of the idle
 // timeout, between 10 ms and one second.
-func (lp *udpLoop) sweepEvery() time.Duration {
+func (lp *pollLoop) sweepEvery() time.Duration {
 	return min(max(lp.opts.UDPIdleTimeout/4, 10*time.Millisecond), time.Second)
 }
 
 // sweep ends the flows idle for UDPIdleTimeout and resumes paused sockets.
 // Called with lp.mu held.
-func (lp *udpLoop) sweep(t int64) {
+func (lp *pollLoop) sweep(t int64) {
 	lp.sweepAt = t + int64(lp.sweepEvery())
 	idle := int64(lp.opts.UDPIdleTimeout)
 	seen := map[*listener]bool{}
 	for _, h := range lp.handles {
 		var l *listener
-		if h.s != nil {
+		switch {
+		case h.t != nil:
+			continue
+		case h.s != nil:
 			l = h.s.l
 			if h.s.paused {
 				h.s.paused = false
@@ -464,7 +521,7 @@ func (lp *udpLoop) sweep(t int64) {
 				ev := unix.EpollEvent{Events: unix.EPOLLIN, Fd: int32(h.s.fd), Pad: int32(h.s.gen)}
 				unix.EpollCtl(lp.epfd, unix.EPOLL_CTL_MOD, h.s.fd, &ev)
 			}
-		} else {
+		default:
 			l = h.f.l
 		}
 		if !seen[l] {
