@@ -96,7 +96,9 @@ func lineEcho(t testing.TB) netip.AddrPort {
 			}
 			go func() {
 				defer c.Close()
-				io.Copy(c, c)
+				// Plain read and write: Go's splice would keep pipes
+				// of its own, which TestSplicePipesBounded counts.
+				io.Copy(struct{ io.Writer }{c}, struct{ io.Reader }{c})
 			}()
 		}
 	}()
@@ -752,5 +754,59 @@ func TestKeepAliveOnClientLeg(t *testing.T) {
 	want := [][2]int{{unix.SO_KEEPALIVE, 1}, {unix.TCP_KEEPIDLE, keepIdle}, {unix.TCP_KEEPINTVL, keepIntvl}, {unix.TCP_KEEPCNT, keepCnt}}
 	if !slices.Equal(got, want) {
 		t.Fatalf("client leg socket options (option, value) = %v, want %v", got, want)
+	}
+}
+
+// pipeFDs counts this process's open pipes.
+func pipeFDs(t *testing.T) int {
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, e := range ents {
+		if l, err := os.Readlink("/proc/self/fd/" + e.Name()); err == nil && strings.HasPrefix(l, "pipe:") {
+			n++
+		}
+	}
+	return n
+}
+
+// TestSplicePipesBounded: a burst of concurrent connections uses a pipe per
+// direction each; once they end, at most maxIdlePipes stay open for reuse.
+func TestSplicePipesBounded(t *testing.T) {
+	r := newRelay(t, Options{})
+	m := mapping(forward.TCP, "127.0.0.1", lineEcho(t))
+	mustApply(t, r, []forward.Mapping{m}, nil)
+	// Start from an empty pool: earlier tests leave pipes in it.
+	pipePool.mu.Lock()
+	for _, p := range pipePool.free {
+		unix.Close(p.r)
+		unix.Close(p.w)
+	}
+	pipePool.free = nil
+	pipePool.mu.Unlock()
+	before := pipeFDs(t)
+	const conns = 150
+	cs := make([]net.Conn, 0, conns)
+	for i := range conns {
+		c, err := net.Dial("tcp4", hostAddr("127.0.0.1", m))
+		if err != nil {
+			t.Fatal(err)
+		}
+		cs = append(cs, c)
+		if err := roundTrip(c, fmt.Sprint("conn ", i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if during := pipeFDs(t) - before; during < 2*2*conns {
+		t.Fatalf("%d connections open with %d pipe fds, want 2 pipes (4 fds) each", conns, during)
+	}
+	for _, c := range cs {
+		c.Close()
+	}
+	eventually(t, "connections to end", func() bool { return r.Stats()[m.Key].ActiveTCP == 0 })
+	if after := pipeFDs(t) - before; after > 2*maxIdlePipes {
+		t.Fatalf("%d pipe fds left after all connections ended, want at most %d (the idle pool)", after, 2*maxIdlePipes)
 	}
 }

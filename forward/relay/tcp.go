@@ -2,13 +2,14 @@ package relay
 
 import (
 	"errors"
-	"io"
 	"net"
 	"os"
+	"sync"
 	"sync/atomic"
 	"time"
 
 	proxyproto "github.com/pires/go-proxyproto"
+	"golang.org/x/sys/unix"
 
 	"github.com/berth-dev/berth/forward"
 )
@@ -157,24 +158,127 @@ func (l *listener) endConn(c *tcpConn) {
 	l.mu.Unlock()
 }
 
-// chunk is how much one splice round may move before the byte counters are
-// updated, so Stats shows traffic of long-lived connections as it happens.
-const chunk = 256 << 10
-
 // pipe copies src to dst until src's EOF, then shuts down dst's write side
-// so the peer sees the half-close. TCPConn.ReadFrom from a (limited)
-// TCPConn splices inside the kernel, with no user-space buffer.
+// so the peer sees the half-close. The bytes move inside the kernel:
+// splice from src into a pipe, splice from the pipe into dst; dst's send
+// buffer running full stops the reading, so a slow peer holds back a fast
+// one instead of filling memory. The pipe comes from a bounded pool and goes
+// back to it (Go's own splice keeps every pipe it ever made until a GC, two
+// per connection a burst of connections ago).
 func pipe(dst, src *net.TCPConn, n *atomic.Uint64) error {
-	lr := io.LimitedReader{R: src}
-	for {
-		lr.N = chunk
-		w, err := dst.ReadFrom(&lr)
-		n.Add(uint64(w))
-		if err != nil {
-			return err
-		}
-		if lr.N > 0 { // stopped before the limit: EOF
-			return dst.CloseWrite()
+	p, err := getPipe()
+	if err != nil {
+		return err
+	}
+	defer putPipe(p)
+	sr, err := src.SyscallConn()
+	if err != nil {
+		return err
+	}
+	dr, err := dst.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var (
+		k    int64
+		serr error
+	)
+	// Each returns false on EAGAIN only, to wait for the socket; a retry
+	// on EINTR must not wait, the readiness it waits for may have passed.
+	fill := func(fd uintptr) bool {
+		for {
+			k, serr = unix.Splice(int(fd), nil, p.w, nil, pipeSize, unix.SPLICE_F_NONBLOCK|unix.SPLICE_F_MOVE)
+			if serr != unix.EINTR {
+				return serr != unix.EAGAIN
+			}
 		}
 	}
+	drain := func(fd uintptr) bool {
+		for {
+			k, serr = unix.Splice(p.r, nil, int(fd), nil, int(p.n), unix.SPLICE_F_NONBLOCK|unix.SPLICE_F_MOVE)
+			if serr != unix.EINTR {
+				return serr != unix.EAGAIN
+			}
+		}
+	}
+	for {
+		if err := sr.Read(fill); err != nil {
+			return err
+		}
+		if serr != nil {
+			return os.NewSyscallError("splice", serr)
+		}
+		if k == 0 { // EOF
+			return dst.CloseWrite()
+		}
+		p.n += k
+		for p.n > 0 {
+			if err := dr.Write(drain); err != nil {
+				return err
+			}
+			if serr != nil {
+				return os.NewSyscallError("splice", serr)
+			}
+			if k <= 0 {
+				return errors.New("splice: pipe gave nothing")
+			}
+			p.n -= k
+			n.Add(uint64(k))
+		}
+	}
+}
+
+// pipeSize is the capacity of a splice pipe, Go's choice too: up to 1 MiB
+// moves per system call on a bulk stream. Its pages are taken only as data
+// passes through it.
+const pipeSize = 1 << 20
+
+// maxIdlePipes bounds the pool; pipes beyond it are closed when their
+// connection ends.
+const maxIdlePipes = 64
+
+// splicePipe is a pipe and the bytes in it.
+type splicePipe struct {
+	r, w int
+	n    int64
+}
+
+var pipePool struct {
+	mu   sync.Mutex
+	free []*splicePipe
+}
+
+func getPipe() (*splicePipe, error) {
+	pipePool.mu.Lock()
+	if k := len(pipePool.free); k > 0 {
+		p := pipePool.free[k-1]
+		pipePool.free = pipePool.free[:k-1]
+		pipePool.mu.Unlock()
+		return p, nil
+	}
+	pipePool.mu.Unlock()
+	var fds [2]int
+	if err := unix.Pipe2(fds[:], unix.O_CLOEXEC|unix.O_NONBLOCK); err != nil {
+		return nil, os.NewSyscallError("pipe2", err)
+	}
+	// A smaller pipe still works (splice moves less per call): the
+	// limit (fs.pipe-max-size) may be lower for an unprivileged berth.
+	unix.FcntlInt(uintptr(fds[0]), unix.F_SETPIPE_SZ, pipeSize)
+	return &splicePipe{r: fds[0], w: fds[1]}, nil
+}
+
+// putPipe keeps an empty pipe for the next connection; one with bytes left
+// in it (its connection failed mid-copy) is closed.
+func putPipe(p *splicePipe) {
+	if p.n == 0 {
+		pipePool.mu.Lock()
+		if len(pipePool.free) < maxIdlePipes {
+			pipePool.free = append(pipePool.free, p)
+			pipePool.mu.Unlock()
+			return
+		}
+		pipePool.mu.Unlock()
+	}
+	unix.Close(p.r)
+	unix.Close(p.w)
 }
