@@ -164,6 +164,23 @@ func udpRoundTrip(c net.Conn, s string) error {
 	return nil
 }
 
+// relayed adds a TCP mapping to a line echo server and returns it with a
+// client connection that has crossed it once (so the relay has accepted it).
+func relayed(t *testing.T, r *Relay) (forward.Mapping, net.Conn) {
+	t.Helper()
+	m := mapping(forward.TCP, "127.0.0.1", lineEcho(t))
+	mustApply(t, r, []forward.Mapping{m}, nil)
+	c, err := net.Dial("tcp4", hostAddr("127.0.0.1", m))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	if err := roundTrip(c, "hello"); err != nil {
+		t.Fatal(err)
+	}
+	return m, c
+}
+
 // expectClosed waits for the relay to end c.
 func expectClosed(t *testing.T, c net.Conn, within time.Duration) {
 	t.Helper()
@@ -550,16 +567,7 @@ func TestUDPBatches(t *testing.T) {
 
 func TestRemoveClosesConnections(t *testing.T) {
 	r := newRelay(t, Options{})
-	m := mapping(forward.TCP, "127.0.0.1", lineEcho(t))
-	mustApply(t, r, []forward.Mapping{m}, nil)
-	c, err := net.Dial("tcp4", hostAddr("127.0.0.1", m))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	if err := roundTrip(c, "before"); err != nil {
-		t.Fatal(err)
-	}
+	m, c := relayed(t, r)
 	mustApply(t, r, nil, []forward.Mapping{m})
 	expectClosed(t, c, time.Second)
 	eventually(t, "goroutines to end", func() bool { return r.Stats()[m.Key].ActiveTCP == 0 })
@@ -596,17 +604,8 @@ func TestDrainKeepsConnectionsForAWhile(t *testing.T) {
 // new target, and a connection to the old one is ended (Drain 0).
 func TestMoveKeepsListener(t *testing.T) {
 	r := newRelay(t, Options{})
-	old := mapping(forward.TCP, "127.0.0.1", lineEcho(t))
-	mustApply(t, r, []forward.Mapping{old}, nil)
+	old, c := relayed(t, r)
 	before := r.listeners[old.Key]
-	c, err := net.Dial("tcp4", hostAddr("127.0.0.1", old))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	if err := roundTrip(c, "to old"); err != nil {
-		t.Fatal(err)
-	}
 	moved := old
 	target := lineEcho(t)
 	moved.ContainerIP, moved.ContainerPort = target.Addr(), target.Port()
@@ -720,16 +719,7 @@ func TestApplyRejectsBadMappings(t *testing.T) {
 // keep-alive that was set once on the listening socket.
 func TestKeepAliveOnClientLeg(t *testing.T) {
 	r := newRelay(t, Options{})
-	m := mapping(forward.TCP, "127.0.0.1", lineEcho(t))
-	mustApply(t, r, []forward.Mapping{m}, nil)
-	c, err := net.Dial("tcp4", hostAddr("127.0.0.1", m))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	if err := roundTrip(c, "hello"); err != nil {
-		t.Fatal(err)
-	}
+	m, _ := relayed(t, r)
 	r.mu.Lock()
 	l := r.listeners[m.Key]
 	r.mu.Unlock()

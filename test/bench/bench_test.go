@@ -64,6 +64,7 @@ type system struct {
 	udp     string // and of its UDP port 53
 	client  string // where the client runs, for the report
 	memPids func() []int
+	relays  bool // the forwarding is memPids' own work (user space), not the kernel's
 }
 
 // fatalTB turns Fatal into a panic while a world is started on another
@@ -180,6 +181,7 @@ func medianDur(xs []time.Duration) time.Duration {
 // agg is the repeats of one test on one system.
 type agg struct {
 	rates    []float64
+	cpu      []float64 // the forwarder's CPU per operation (bulk: per MiB), µs
 	p50, p99 []time.Duration
 	errs     int64
 	count    int64
@@ -267,11 +269,11 @@ func TestBench(t *testing.T) {
 	berthPids := func() []int { return []int{berthPid} }
 	hp := net.JoinHostPort
 	systems := []system{
-		{"direct", pA.Do, hp(ipA, "80"), hp(ipA, "53"), "remote netns → container IP", nil},
-		{"docker-proxy", Here, hp(pB.Addr, "30080"), hp(pB.Addr, "30053"), "remote netns → host veth address", proxyPids},
-		{"docker NAT", Here, hp(pC.Addr, "30080"), hp(pC.Addr, "30053"), "remote netns → host veth address", nil},
-		{"berth NAT", pA.Do, hp(pA.LocalAddr, "30080"), hp(pA.LocalAddr, "30053"), "remote netns → host veth address", berthPids},
-		{"berth relay", pA.Do, hp(pA.LocalAddr, "31080"), hp(pA.LocalAddr, "31053"), "remote netns → host veth address", berthPids},
+		{"direct", pA.Do, hp(ipA, "80"), hp(ipA, "53"), "remote netns → container IP", nil, false},
+		{"docker-proxy", Here, hp(pB.Addr, "30080"), hp(pB.Addr, "30053"), "remote netns → host veth address", proxyPids, true},
+		{"docker NAT", Here, hp(pC.Addr, "30080"), hp(pC.Addr, "30053"), "remote netns → host veth address", nil, false},
+		{"berth NAT", pA.Do, hp(pA.LocalAddr, "30080"), hp(pA.LocalAddr, "30053"), "remote netns → host veth address", berthPids, false},
+		{"berth relay", pA.Do, hp(pA.LocalAddr, "31080"), hp(pA.LocalAddr, "31053"), "remote netns → host veth address", berthPids, true},
 	}
 	for _, s := range systems {
 		expect := "perf"
@@ -302,6 +304,10 @@ func TestBench(t *testing.T) {
 				s := systems[(i+r)%len(systems)] // rotate who goes first
 				var x Result
 				var err error
+				var cpu0 time.Duration
+				if s.relays {
+					cpu0 = CPUOf(s.memPids()...)
+				}
 				switch k {
 				case "bulk":
 					x, err = TCPBulk(s.in, s.tcp, cfg.dur)
@@ -315,6 +321,13 @@ func TestBench(t *testing.T) {
 					x.Note = err.Error()
 				}
 				res[k][s.name].add(x)
+				if per := float64(x.Count); s.relays && per > 0 {
+					if k == "bulk" {
+						per /= 1 << 20
+					}
+					a := res[k][s.name]
+					a.cpu = append(a.cpu, float64((CPUOf(s.memPids()...)-cpu0).Microseconds())/per)
+				}
 				time.Sleep(100 * time.Millisecond)
 			}
 		}
@@ -522,8 +535,8 @@ func TestBench(t *testing.T) {
 		cfg.dur, cfg.repeats, cfg.conc))
 
 	base := func(k, s string) float64 { return median(res[k][s].rates) }
-	loadTable := func(k, unit string, div float64, lat bool) string {
-		head := []string{"system", unit, "min-max of repeats", "vs direct", "vs docker-proxy"}
+	loadTable := func(k, unit, cpuUnit string, div float64, lat bool) string {
+		head := []string{"system", unit, "min-max of repeats", "vs direct", "vs docker-proxy", cpuUnit}
 		if lat {
 			head = append(head, "p50", "p99", "errors")
 		} else {
@@ -534,7 +547,11 @@ func TestBench(t *testing.T) {
 			a := res[k][s.name]
 			m := median(a.rates)
 			lo, hi := slices.Min(a.rates), slices.Max(a.rates)
-			row := []string{s.name, fmt.Sprintf("%.1f", m/div), fmt.Sprintf("%.0f-%.0f", lo/div, hi/div), Ratio(m, base(k, "direct")), Ratio(m, base(k, "docker-proxy"))}
+			cpu := "-"
+			if len(a.cpu) > 0 {
+				cpu = fmt.Sprintf("%.0f", median(a.cpu))
+			}
+			row := []string{s.name, fmt.Sprintf("%.1f", m/div), fmt.Sprintf("%.0f-%.0f", lo/div, hi/div), Ratio(m, base(k, "direct")), Ratio(m, base(k, "docker-proxy")), cpu}
 			if lat {
 				row = append(row, Dur(medianDur(a.p50)), Dur(medianDur(a.p99)))
 			}
@@ -547,11 +564,12 @@ func TestBench(t *testing.T) {
 		return Table(head, rows)
 	}
 	section("## TCP bulk throughput (one connection, echoed both ways)\n")
-	section(loadTable("bulk", "MiB/s each way", 1<<20, false))
+	section("The forwarder CPU column is the CPU time (user and system) the forwarding processes used during a run, divided by what the run moved: docker-proxy's processes, berth's process for the relay. It does not depend on how the two CPUs were shared, so it is the steadiest comparison here; for NAT the kernel forwards in softirq context, charged to no process, so it is blank.\n")
+	section(loadTable("bulk", "MiB/s each way", "forwarder CPU µs/MiB", 1<<20, false))
 	section("## TCP connections per second (connect, 1 byte, half-close, echo, close)\n")
-	section(loadTable("conn", "conn/s", 1, true))
+	section(loadTable("conn", "conn/s", "forwarder CPU µs/conn", 1, true))
 	section("## UDP request/response (32-byte datagrams, one flow per client)\n")
-	section(loadTable("udp", "round trips/s", 1, true))
+	section(loadTable("udp", "round trips/s", "forwarder CPU µs/round trip", 1, true))
 
 	section(fmt.Sprintf("## %d concurrent TCP connections through one mapping\n", cfg.longConns))
 	section("Each connection echoes 8 bytes, all stay open together, each echoes again, then all close. Memory is the forwarding processes' (berth: the one process; docker-proxy: all of its processes) summed RSS.\n")

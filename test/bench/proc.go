@@ -7,6 +7,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"time"
 )
 
 // Mem is resident memory of one process or a sum over several, in bytes.
@@ -42,6 +43,27 @@ func MemOf(pids ...int) (Mem, error) {
 		}
 	}
 	return m, nil
+}
+
+// CPUOf is the CPU time (user and system) the processes have used, summed;
+// a process that is gone counts 0. /proc/PID/stat counts in USER_HZ ticks,
+// 100 per second on Linux.
+func CPUOf(pids ...int) time.Duration {
+	var ticks int64
+	for _, pid := range pids {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		if err != nil {
+			continue
+		}
+		s := string(b)
+		f := strings.Fields(s[strings.LastIndexByte(s, ')')+1:])
+		if len(f) > 12 { // state is f[0]; utime, stime are fields 14, 15 of stat
+			u, _ := strconv.ParseInt(f[11], 10, 64)
+			st, _ := strconv.ParseInt(f[12], 10, 64)
+			ticks += u + st
+		}
+	}
+	return time.Duration(ticks) * 10 * time.Millisecond
 }
 
 // Children lists the pids whose parent is ppid and whose command name
