@@ -800,3 +800,43 @@ func TestSplicePipesBounded(t *testing.T) {
 		t.Fatalf("%d pipe fds left after all connections ended, want at most %d (the idle pool)", after, 2*maxIdlePipes)
 	}
 }
+
+// TestAcceptAfterBurstEnds: an accept burst hands the socket back to the
+// poll loop after acceptLinger; connections after that are still accepted
+// (the loop's one-shot watch was re-armed), and the burst's goroutine is
+// gone in between.
+func TestAcceptAfterBurstEnds(t *testing.T) {
+	r := newRelay(t, Options{})
+	m, _ := relayed(t, r)
+	l := r.listeners[m.Key]
+	idle := func() bool {
+		done := make(chan struct{})
+		go func() { l.accepting.Wait(); close(done) }()
+		select {
+		case <-done:
+			return true
+		case <-time.After(10 * time.Millisecond):
+			return false
+		}
+	}
+	for round := range 3 {
+		deadline := time.Now().Add(acceptLinger + 2*time.Second)
+		for !idle() {
+			if time.Now().After(deadline) {
+				t.Fatalf("round %d: accept burst still running %v after the last connection", round, acceptLinger+2*time.Second)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+		c, err := net.Dial("tcp4", hostAddr("127.0.0.1", m))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := roundTrip(c, fmt.Sprint("after burst ", round)); err != nil {
+			t.Fatalf("round %d: connection after the burst ended: %v", round, err)
+		}
+		c.Close()
+	}
+	if got := r.Stats()[m.Key].Conns; got != 4 {
+		t.Fatalf("%d connections accepted, want 4", got)
+	}
+}
