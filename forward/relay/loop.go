@@ -26,9 +26,11 @@ type handle struct {
 }
 
 type pollLoop struct {
-	opts *Options
-	epfd int
-	wake int // eventfd: close interrupts epoll_wait
+	opts      *Options
+	listeners int // assigned to this loop; the Relay's mu guards it
+	epfd      int
+	wake      int    // eventfd: close interrupts epoll_wait
+	mem       []byte // the slots' buffers, mapped apart from Go's heap
 
 	mu      sync.Mutex
 	handles map[int32]handle
@@ -61,13 +63,21 @@ func newPollLoop(opts *Options) (*pollLoop, error) {
 		unix.Close(wake)
 		return nil, fmt.Errorf("epoll_ctl: %w", err)
 	}
-	lp := &pollLoop{opts: opts, epfd: epfd, wake: wake, handles: map[int32]handle{}, done: make(chan struct{})}
-	// The buffers' pages become resident only as datagrams fill them: an
-	// idle loop costs a few KiB, not 2×16×64 KiB.
-	for _, s := range []*[batch]slot{&lp.in, &lp.out} {
-		for i := range s {
-			s[i].buf = make([]byte, headroom+maxUDP)
-		}
+	// The datagram buffers are an anonymous mapping outside Go's heap:
+	// its pages become resident only as datagrams are written into them,
+	// so a loop costs a few pages per slot in use, not 2×16×64 KiB (a heap
+	// allocation may be zeroed, which touches every page).
+	const slotSize = headroom + maxUDP
+	mem, err := unix.Mmap(-1, 0, 2*batch*slotSize, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
+	if err != nil {
+		unix.Close(epfd)
+		unix.Close(wake)
+		return nil, fmt.Errorf("mmap: %w", err)
+	}
+	lp := &pollLoop{opts: opts, epfd: epfd, wake: wake, mem: mem, handles: map[int32]handle{}, done: make(chan struct{})}
+	for i := range batch {
+		lp.in[i].buf = mem[i*slotSize : (i+1)*slotSize : (i+1)*slotSize]
+		lp.out[i].buf = mem[(batch+i)*slotSize : (batch+i+1)*slotSize : (batch+i+1)*slotSize]
 	}
 	go lp.run()
 	return lp, nil
@@ -93,6 +103,7 @@ func (lp *pollLoop) close() {
 	<-lp.done
 	unix.Close(lp.epfd)
 	unix.Close(lp.wake)
+	unix.Munmap(lp.mem)
 }
 
 // register adds fd to the loop. Called with lp.mu held.

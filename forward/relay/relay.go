@@ -14,6 +14,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"runtime"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -85,8 +86,8 @@ type Relay struct {
 	draining  map[*listener]struct{} // removed, TCP connections still open
 	closed    bool
 
-	wg   sync.WaitGroup // every goroutine the relay started
-	loop *pollLoop      // waits on every listening socket; started with the first
+	wg    sync.WaitGroup // every goroutine the relay started
+	loops []*pollLoop    // wait on the listening sockets; see pickLoop
 }
 
 var (
@@ -202,8 +203,8 @@ func (r *Relay) Close() error {
 	}
 	r.mu.Unlock()
 	r.wg.Wait()
-	if r.loop != nil {
-		r.loop.close()
+	for _, lp := range r.loops {
+		lp.close()
 	}
 	return nil
 }
@@ -284,14 +285,11 @@ func (r *Relay) listen(m forward.Mapping) (*listener, error) {
 		conns: map[*tcpConn]struct{}{},
 	}
 	l.mapping.Store(&m)
-	if r.loop == nil {
-		lp, err := newPollLoop(&r.opts)
-		if err != nil {
-			return nil, err
-		}
-		r.loop = lp
+	lp, err := r.pickLoop()
+	if err != nil {
+		return nil, err
 	}
-	l.loop = r.loop
+	l.loop = lp
 	l.ctx, l.cancel = context.WithCancel(context.Background())
 	switch m.Proto {
 	case forward.TCP:
@@ -309,19 +307,44 @@ func (r *Relay) listen(m forward.Mapping) (*listener, error) {
 			return nil, bindError(m, err)
 		}
 		l.tcp = ln.(*net.TCPListener)
-		if err := r.loop.watchTCP(l); err != nil {
+		if err := lp.watchTCP(l); err != nil {
 			l.cancel()
 			l.tcp.Close()
 			return nil, err
 		}
 	case forward.UDP:
-		if err := r.loop.listenUDP(l, host); err != nil {
+		if err := lp.listenUDP(l, host); err != nil {
 			l.cancel()
 			return nil, bindError(m, err)
 		}
 	}
 	l.live.Store(true)
+	lp.listeners++
 	return l, nil
+}
+
+// pickLoop chooses the poll loop for a new listener: the one with the
+// fewest, or a new one while there are fewer loops than GOMAXPROCS (at most
+// 8) and each has a listener. A loop relays the UDP of its mappings on one
+// thread, so mappings spread over loops use more than one CPU, as
+// docker-proxy's processes would; a single mapping stays on one. Called
+// with r.mu held.
+func (r *Relay) pickLoop() (*pollLoop, error) {
+	var best *pollLoop
+	for _, lp := range r.loops {
+		if best == nil || lp.listeners < best.listeners {
+			best = lp
+		}
+	}
+	if best != nil && (best.listeners == 0 || len(r.loops) >= min(runtime.GOMAXPROCS(0), 8)) {
+		return best, nil
+	}
+	lp, err := newPollLoop(&r.opts)
+	if err != nil {
+		return nil, err
+	}
+	r.loops = append(r.loops, lp)
+	return lp, nil
 }
 
 // tcpSockopts runs before bind. IPV6_V6ONLY keeps [::]:P off the IPv4 side,
@@ -438,6 +461,7 @@ func (l *listener) endAll() {
 // TCP connections after drain. Called with r.mu held.
 func (r *Relay) shutdown(l *listener, drain time.Duration) {
 	l.live.Store(false)
+	l.loop.listeners--
 	close(l.stop)
 	if l.tcp != nil {
 		l.loop.unwatchTCP(l)

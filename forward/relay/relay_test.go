@@ -834,3 +834,53 @@ func TestAcceptAfterBurstEnds(t *testing.T) {
 		t.Fatalf("%d connections accepted, want 4", got)
 	}
 }
+
+// TestLoopsSpreadMappings: mappings spread over up to GOMAXPROCS poll
+// loops, the least loaded first, and each forwards on its own loop.
+func TestLoopsSpreadMappings(t *testing.T) {
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(2))
+	r := newRelay(t, Options{})
+	target := udpEcho(t)
+	var ms []forward.Mapping
+	for range 4 {
+		m := mapping(forward.UDP, "127.0.0.1", target)
+		mustApply(t, r, []forward.Mapping{m}, nil)
+		ms = append(ms, m)
+	}
+	counts := func() []int {
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		var n []int
+		for _, lp := range r.loops {
+			n = append(n, lp.listeners)
+		}
+		return n
+	}
+	if got := counts(); !slices.Equal(got, []int{2, 2}) {
+		t.Fatalf("listeners per loop %v, want [2 2]", got)
+	}
+	for i, m := range ms {
+		c, err := net.Dial("udp4", hostAddr("127.0.0.1", m))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		if err := udpRoundTrip(c, fmt.Sprint("mapping ", i)); err != nil {
+			t.Fatalf("mapping %d: %v", i, err)
+		}
+	}
+	// Removing both of one loop's mappings makes it the one the next goes to.
+	first := r.listeners[ms[0].Key].loop
+	var gone []forward.Mapping
+	for _, m := range ms {
+		if r.listeners[m.Key].loop == first {
+			gone = append(gone, m)
+		}
+	}
+	mustApply(t, r, nil, gone)
+	next := mapping(forward.UDP, "127.0.0.1", target)
+	mustApply(t, r, []forward.Mapping{next}, nil)
+	if r.listeners[next.Key].loop != first || len(r.loops) != 2 {
+		t.Fatalf("new mapping went to another loop (or a third loop: %d)", len(r.loops))
+	}
+}
