@@ -77,7 +77,11 @@ type backends struct {
 	nat   natBackend // nil when unavailable
 	relay *relay.Relay
 	opts  reconcile.Options
-	info  []string
+	info  []string // the status summary's lines: the backends' facts, then dockerd's
+	// dockerInfo computes dockerd's lines afresh (its flags, what it
+	// forwards itself); nil for a one-shot command.
+	natInfo    []string
+	dockerInfo func(context.Context) []string
 }
 
 // natBackend is the NAT table as the command uses it beyond Forwarder.
@@ -103,6 +107,7 @@ func (b *backendFlags) build(log logrus.FieldLogger, withRelay bool) (*backends,
 		out.opts.NAT = nat
 		out.opts.BeforeSync = b.beforeSync(nat)
 	}
+	out.natInfo = info
 	out.info = append(out.info, info...)
 	out.info = append(out.info, dockerCoexistence(out)...)
 	if withRelay {
@@ -123,10 +128,13 @@ func (b *backendFlags) build(log logrus.FieldLogger, withRelay bool) (*backends,
 func dockerCoexistence(out *backends) []string {
 	det := dockerfwd.New(dockerfwd.Options{})
 	out.opts.DockerForwards = det.Forwards
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	cfg, cerr := dockerfwd.DetectConfig(ctx)
-	return dockerfwd.Describe(cfg, cerr, det.Refresh(ctx))
+	out.dockerInfo = func(ctx context.Context) []string {
+		ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		defer cancel()
+		cfg, cerr := dockerfwd.DetectConfig(ctx)
+		return dockerfwd.Describe(cfg, cerr, det.Refresh(ctx))
+	}
+	return out.dockerInfo(context.Background())
 }
 
 // hostConflicts refuses NAT mappings over a port a host process (not

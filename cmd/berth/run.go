@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/signal"
 	"runtime/debug"
+	"slices"
 	"sync"
 	"syscall"
 	"time"
@@ -53,7 +54,7 @@ func runDaemon(ctx context.Context, g *globalFlags, b *backendFlags) error {
 	defer be.relay.Close()
 
 	runner := &reconcile.Runner{MinInterval: b.minSync, MaxInterval: b.resync}
-	d := &daemon{}
+	d := &daemon{be: be, ctx: ctx}
 	w, err := b.newWatcher(cli, runner.Trigger, func(n watcher.Notice) { d.notice(log, n) })
 	if err != nil {
 		return err
@@ -112,7 +113,16 @@ func (d *daemon) notice(log logrus.FieldLogger, n watcher.Notice) {
 	switch n.Kind {
 	case "connected":
 		log.Info("docker event stream connected; relisting")
+		d.mu.Lock()
+		again := d.lost
+		d.mu.Unlock()
+		if again {
+			go d.redescribe(log)
+		}
 	case "lost":
+		d.mu.Lock()
+		d.lost = true
+		d.mu.Unlock()
 		if d.m != nil {
 			d.m.reconnects.Inc()
 			d.m.errors.WithLabelValues("docker").Inc()
@@ -130,16 +140,36 @@ func (d *daemon) notice(log logrus.FieldLogger, n watcher.Notice) {
 	}
 }
 
+// redescribe runs after the event stream came back (dockerd restarted,
+// perhaps with other flags): dockerd's lines in the status summary are
+// worked out again, and logged when they changed.
+func (d *daemon) redescribe(log logrus.FieldLogger) {
+	if d.be.dockerInfo == nil || d.rec == nil {
+		return
+	}
+	lines := d.be.dockerInfo(d.ctx)
+	info := append(slices.Clone(d.be.natInfo), lines...)
+	_, sum := d.rec.Status()
+	if slices.Equal(info, sum.Info) {
+		return
+	}
+	d.rec.SetInfo(info...)
+	log.Info("dockerd is back with another configuration; " + joinInfo(lines))
+}
+
 // daemon holds what the HTTP handlers and the loops share.
 type daemon struct {
 	rec *reconcile.Reconciler
 	w   *watcher.Watcher
 	m   *metrics
+	be  *backends
+	ctx context.Context // the daemon's
 
 	mu       sync.Mutex
 	lastErr  string
 	synced   bool
 	released int       // mappings at the last releaseMemory
+	lost     bool      // the event stream was lost once: a later connect is dockerd back
 	lastLoop time.Time // when a sync last finished, for the watchdog
 }
 

@@ -194,3 +194,39 @@ func TestDockerdRestartRelists(t *testing.T) {
 		t.Fatal("berth did not log the loss")
 	}
 }
+
+// TestDockerdRestartRedescribes: dockerd restarted with other flags; the
+// status summary's dockerd lines follow, and berth logs the change.
+func TestDockerdRestartRedescribes(t *testing.T) {
+	w := harness.Start(t, harness.Options{})
+	b := w.StartBerth()
+	dockerd := func() string {
+		s, err := b.Summary()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, l := range s.Info {
+			if strings.HasPrefix(l, "dockerd:") {
+				return l
+			}
+		}
+		t.Fatalf("no dockerd line in the summary: %q", s.Info)
+		return ""
+	}
+	before := dockerd()
+	if !strings.Contains(before, "iptables off") {
+		t.Fatalf("dockerd line before: %q, want iptables off", before)
+	}
+	w.StopDockerd()
+	w.Reconfigure(harness.Options{IPTables: true})
+	w.StartDockerd()
+	harness.Eventually(t, 15*time.Second, "the summary to show dockerd's new flags", func() error {
+		if l := dockerd(); !strings.Contains(l, "iptables on") {
+			return fmt.Errorf("dockerd line %q", l)
+		}
+		return nil
+	})
+	if !strings.Contains(readFile(b.Log), "dockerd is back with another configuration") {
+		t.Fatal("berth did not log the new configuration")
+	}
+}

@@ -239,6 +239,13 @@ func (w *World) dockerdArgs() []string {
 	return append(args, w.opts.Extra...)
 }
 
+// Reconfigure sets the dockerd flags the next StartDockerd uses (the
+// engine stays); call it between StopDockerd and StartDockerd.
+func (w *World) Reconfigure(o Options) {
+	o.Engine = w.opts.Engine
+	w.opts = o
+}
+
 // StartDockerd (re)starts the private dockerd and waits until it answers.
 func (w *World) StartDockerd() {
 	w.t.Helper()
