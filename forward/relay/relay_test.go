@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"os/exec"
 	"runtime"
 	"slices"
 	"strings"
@@ -882,5 +883,35 @@ func TestLoopsSpreadMappings(t *testing.T) {
 	mustApply(t, r, []forward.Mapping{next}, nil)
 	if r.listeners[next.Key].loop != first || len(r.loops) != 2 {
 		t.Fatalf("new mapping went to another loop (or a third loop: %d)", len(r.loops))
+	}
+}
+
+// TestUDPRepliesFromTheAddressUsed: on a wildcard socket each reply leaves
+// from the address its client sent to (PKTINFO), not the one routing would
+// pick; a connected client socket takes nothing else. IPv4 and IPv6, two
+// local addresses each.
+func TestUDPRepliesFromTheAddressUsed(t *testing.T) {
+	netns.Require(t) // adds an address to lo: only in the test's own namespace
+	if out, err := exec.Command("ip", "addr", "add", "fd00:be27::1/128", "dev", "lo", "nodad").CombinedOutput(); err != nil && !strings.Contains(string(out), "exists") {
+		t.Fatalf("ip addr add: %v: %s", err, out)
+	}
+	r := newRelay(t, Options{})
+	target := udpEcho(t)
+	v4 := mapping(forward.UDP, "0.0.0.0", target)
+	v6 := mapping(forward.UDP, "::", target)
+	mustApply(t, r, []forward.Mapping{v4, v6}, nil)
+	for _, tc := range []struct {
+		m    forward.Mapping
+		dial string
+	}{{v4, "127.0.0.1"}, {v4, "127.0.0.2"}, {v6, "::1"}, {v6, "fd00:be27::1"}} {
+		to := netip.AddrPortFrom(netip.MustParseAddr(tc.dial), tc.m.HostPort)
+		c, err := net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(to))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		if err := udpRoundTrip(c, "to "+tc.dial); err != nil {
+			t.Errorf("client of %s: %v (a reply from another address is not taken)", to, err)
+		}
 	}
 }
