@@ -124,14 +124,15 @@ type Cacher interface {
 
 // Stats are a relay's per-mapping counters.
 type Stats struct {
-	Conns     uint64 `json:"connections"`        // TCP connections accepted
-	ActiveTCP int64  `json:"active_connections"` // open now
-	BytesIn   uint64 `json:"bytes_in"`           // client -> container
-	BytesOut  uint64 `json:"bytes_out"`          // container -> client
-	Flows     uint64 `json:"udp_flows"`          // UDP flows created
-	ActiveUDP int64  `json:"active_udp_flows"`   // UDP flows open now
-	Drops     uint64 `json:"drops"`              // refused: table or connection limit
-	Errors    uint64 `json:"errors"`             // dial, copy or write failures
+	Conns       uint64 `json:"connections"`        // TCP connections accepted
+	ActiveTCP   int64  `json:"active_connections"` // open now
+	BytesIn     uint64 `json:"bytes_in"`           // client -> container
+	BytesOut    uint64 `json:"bytes_out"`          // container -> client
+	Flows       uint64 `json:"udp_flows"`          // UDP flows created
+	ActiveUDP   int64  `json:"active_udp_flows"`   // UDP flows open now
+	Drops       uint64 `json:"drops"`              // refused: table or connection limit
+	KernelDrops uint64 `json:"kernel_drops"`       // UDP datagrams the kernel dropped at the listening socket (receive buffer full)
+	Errors      uint64 `json:"errors"`             // dial, copy or write failures
 }
 
 // StatsReporter is offered by backends that count traffic (the relay).

@@ -73,6 +73,7 @@ var (
 	descBytes    = prometheus.NewDesc("berth_relay_bytes_total", "Bytes the relay carried, by direction (in: client to container).", []string{"direction"}, nil)
 	descFlows    = prometheus.NewDesc("berth_relay_udp_flows_total", "UDP flows the relay created.", nil, nil)
 	descFlowsNow = prometheus.NewDesc("berth_relay_active_udp_flows", "UDP flows open in the relay now.", nil, nil)
+	descKDrops   = prometheus.NewDesc("berth_relay_udp_kernel_drops_total", "UDP datagrams the kernel dropped at the relay's listening sockets (receive buffer full).", nil, nil)
 	descDrops    = prometheus.NewDesc("berth_relay_drops_total", "Connections and datagrams refused because a table or connection limit was full.", nil, nil)
 	descRelayErr = prometheus.NewDesc("berth_relay_errors_total", "Dial, copy and write failures in the relay.", nil, nil)
 )
@@ -84,7 +85,7 @@ type stateCollector struct {
 }
 
 func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descMappings, descDocker, descFlush, descConns, descActive, descBytes, descFlows, descFlowsNow, descDrops, descRelayErr} {
+	for _, d := range []*prometheus.Desc{descMappings, descDocker, descFlush, descConns, descActive, descBytes, descFlows, descFlowsNow, descKDrops, descDrops, descRelayErr} {
 		ch <- d
 	}
 }
@@ -121,6 +122,7 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 		t.BytesOut += s.BytesOut
 		t.Flows += s.Flows
 		t.ActiveUDP += s.ActiveUDP
+		t.KernelDrops += s.KernelDrops
 		t.Drops += s.Drops
 		t.Errors += s.Errors
 	}
@@ -130,6 +132,7 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(descBytes, prometheus.CounterValue, float64(t.BytesOut), "out")
 	ch <- prometheus.MustNewConstMetric(descFlows, prometheus.CounterValue, float64(t.Flows))
 	ch <- prometheus.MustNewConstMetric(descFlowsNow, prometheus.GaugeValue, float64(t.ActiveUDP))
+	ch <- prometheus.MustNewConstMetric(descKDrops, prometheus.CounterValue, float64(t.KernelDrops))
 	ch <- prometheus.MustNewConstMetric(descDrops, prometheus.CounterValue, float64(t.Drops))
 	ch <- prometheus.MustNewConstMetric(descRelayErr, prometheus.CounterValue, float64(t.Errors))
 }

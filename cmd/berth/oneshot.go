@@ -166,7 +166,14 @@ func printRows(w io.Writer, rows []reconcile.Row, sum reconcile.Summary, oneShot
 		}
 		traffic := "-"
 		if s := r.Stats; s != nil {
-			traffic = fmt.Sprintf("%d conn %d flows %s/%s", s.Conns, s.Flows, bytes(s.BytesIn), bytes(s.BytesOut))
+			if r.Proto == "udp" {
+				traffic = fmt.Sprintf("%d flows (%d open) %s/%s", s.Flows, s.ActiveUDP, bytes(s.BytesIn), bytes(s.BytesOut))
+			} else {
+				traffic = fmt.Sprintf("%d conn (%d open) %s/%s", s.Conns, s.ActiveTCP, bytes(s.BytesIn), bytes(s.BytesOut))
+			}
+			if d := s.Drops + s.KernelDrops; d > 0 {
+				traffic += fmt.Sprintf(" %d dropped", d)
+			}
 		}
 		proto := r.Proto
 		if proto == "" {

@@ -212,19 +212,21 @@ func (r *Relay) Close() error {
 // counters are one mapping's forward.Stats, updated with atomics.
 type counters struct {
 	conns, bytesIn, bytesOut, flows, drops, errors atomic.Uint64
+	kernelDrops                                    atomic.Uint64 // the UDP socket's SO_RXQ_OVFL count
 	active, activeFlows                            atomic.Int64
 }
 
 func (c *counters) snapshot() forward.Stats {
 	return forward.Stats{
-		Conns:     c.conns.Load(),
-		ActiveTCP: c.active.Load(),
-		BytesIn:   c.bytesIn.Load(),
-		BytesOut:  c.bytesOut.Load(),
-		Flows:     c.flows.Load(),
-		ActiveUDP: c.activeFlows.Load(),
-		Drops:     c.drops.Load(),
-		Errors:    c.errors.Load(),
+		Conns:       c.conns.Load(),
+		ActiveTCP:   c.active.Load(),
+		BytesIn:     c.bytesIn.Load(),
+		BytesOut:    c.bytesOut.Load(),
+		Flows:       c.flows.Load(),
+		ActiveUDP:   c.activeFlows.Load(),
+		KernelDrops: c.kernelDrops.Load(),
+		Drops:       c.drops.Load(),
+		Errors:      c.errors.Load(),
 	}
 }
 

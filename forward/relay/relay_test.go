@@ -915,3 +915,38 @@ func TestUDPRepliesFromTheAddressUsed(t *testing.T) {
 		}
 	}
 }
+
+// TestUDPKernelDropsCounted: datagrams the kernel drops because the
+// listening socket's buffer is full (the loop held up here) show in Stats.
+func TestUDPKernelDropsCounted(t *testing.T) {
+	r := newRelay(t, Options{})
+	m := mapping(forward.UDP, "127.0.0.1", udpEcho(t))
+	mustApply(t, r, []forward.Mapping{m}, nil)
+	c, err := net.Dial("udp4", hostAddr("127.0.0.1", m))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	lp := r.listeners[m.Key].loop
+	lp.mu.Lock() // the loop cannot read while the test holds its mutex
+	big := make([]byte, 32<<10)
+	const sent = 64 // 2 MiB: far past the default receive buffer
+	for range sent {
+		if _, err := c.Write(big); err != nil {
+			lp.mu.Unlock()
+			t.Fatal(err)
+		}
+	}
+	lp.mu.Unlock()
+	// The count rides on datagrams queued after the drops (the kernel
+	// stamps each as it queues it): send more until one gets in.
+	eventually(t, "kernel drops in stats", func() bool {
+		c.Write([]byte("after the burst"))
+		return r.Stats()[m.Key].KernelDrops > 0
+	})
+	st := r.Stats()[m.Key]
+	if st.KernelDrops >= sent {
+		t.Fatalf("stats %+v: %d kernel drops of %d sent", st, st.KernelDrops, sent)
+	}
+	t.Logf("%d of %d datagrams dropped by the kernel at the listening socket", st.KernelDrops, sent)
+}

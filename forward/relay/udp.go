@@ -148,6 +148,14 @@ func (lp *pollLoop) fromClients(s *udpSocket) {
 		}
 		return
 	}
+	// The kernel's drop count for the socket rides on every datagram; the
+	// batch's last has the latest.
+	if r > 0 {
+		last := &lp.inh[r-1]
+		if c := parseControl(lp.in[r-1].oob[:min(int(last.hdr.Controllen), len(lp.in[r-1].oob))]); c.drops > 0 {
+			l.stats.kernelDrops.Store(uint64(c.drops))
+		}
+	}
 	t := now()
 	for i := range int(r) {
 		sl, h := &lp.in[i], &lp.inh[i]
@@ -158,9 +166,8 @@ func (lp *pollLoop) fromClients(s *udpSocket) {
 				l.stats.drops.Add(1)
 				continue
 			}
-			dst, ifindex, ok := dstFromOOB(sl.oob[:min(int(h.hdr.Controllen), len(sl.oob))])
 			var err error
-			if f, err = lp.newFlow(s, from, dst, ifindex, ok); err != nil {
+			if f, err = lp.newFlow(s, from, parseControl(sl.oob[:min(int(h.hdr.Controllen), len(sl.oob))])); err != nil {
 				l.stats.errors.Add(1)
 				continue
 			}
@@ -180,7 +187,7 @@ func (lp *pollLoop) fromClients(s *udpSocket) {
 
 // newFlow opens a connected socket to the container for a new client.
 // The flow registers with the mapping current at this moment (see swap).
-func (lp *pollLoop) newFlow(s *udpSocket, client netip.AddrPort, dst netip.Addr, ifindex int, ok bool) (*flow, error) {
+func (lp *pollLoop) newFlow(s *udpSocket, client netip.AddrPort, c control) (*flow, error) {
 	l := s.l
 	m := l.mapping.Load()
 	target := m.Target()
@@ -193,13 +200,14 @@ func (lp *pollLoop) newFlow(s *udpSocket, client netip.AddrPort, dst netip.Addr,
 		return nil, fmt.Errorf("connect %s: %w", target, err)
 	}
 	f := &flow{l: l, m: m, client: client, fd: fd}
-	if ok {
+	dst := c.dst
+	if c.hasDst {
 		if dst.Is4() {
 			f.oob = unix.PktInfo4(&unix.Inet4Pktinfo{Spec_dst: dst.As4()})
 		} else {
 			pi := unix.Inet6Pktinfo{Addr: dst.As16()}
 			if dst.IsLinkLocalUnicast() {
-				pi.Ifindex = uint32(ifindex)
+				pi.Ifindex = uint32(c.ifindex)
 			}
 			f.oob = unix.PktInfo6(&pi)
 		}
@@ -350,14 +358,19 @@ func socket(addr netip.Addr, typ int) (int, error) {
 }
 
 // udpSockopts: IPV6_V6ONLY keeps [::]:P off the IPv4 side, where dockerd
-// or a NAT mapping may hold 0.0.0.0:P. PKTINFO on a wildcard socket tells
-// which local address a datagram was sent to, so replies leave from that
-// address and not whatever the routing table picks.
+// or a NAT mapping may hold 0.0.0.0:P. SO_RXQ_OVFL reports the datagrams
+// the kernel dropped because the socket's receive buffer was full, which
+// Stats shows (raise net.core.rmem_default when it grows). PKTINFO on a
+// wildcard socket tells which local address a datagram was sent to, so
+// replies leave from that address and not whatever the routing table picks.
 func udpSockopts(fd int, v6, wildcard bool) error {
 	if v6 {
 		if err := unix.SetsockoptInt(fd, unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, 1); err != nil {
 			return fmt.Errorf("IPV6_V6ONLY: %w", err)
 		}
+	}
+	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RXQ_OVFL, 1); err != nil {
+		return fmt.Errorf("SO_RXQ_OVFL: %w", err)
 	}
 	if !wildcard {
 		return nil
@@ -426,9 +439,16 @@ func fromSockaddr(rsa *unix.RawSockaddrAny) netip.AddrPort {
 	return netip.AddrPort{}
 }
 
-// dstFromOOB is the local address a datagram was sent to, from its PKTINFO
-// control message (enabled on wildcard sockets only).
-func dstFromOOB(b []byte) (netip.Addr, int, bool) {
+// control is what the control messages of one datagram say.
+type control struct {
+	dst     netip.Addr // the local address it was sent to (PKTINFO, wildcard sockets only)
+	ifindex int
+	hasDst  bool
+	drops   uint32 // datagrams the kernel dropped at this socket so far (SO_RXQ_OVFL)
+}
+
+// parseControl reads the control messages recvmmsg left in b.
+func parseControl(b []byte) (c control) {
 	for len(b) >= unix.SizeofCmsghdr {
 		h := (*unix.Cmsghdr)(unsafe.Pointer(&b[0]))
 		if int(h.Len) < unix.SizeofCmsghdr || int(h.Len) > len(b) {
@@ -438,10 +458,12 @@ func dstFromOOB(b []byte) (netip.Addr, int, bool) {
 		switch {
 		case h.Level == unix.IPPROTO_IP && h.Type == unix.IP_PKTINFO && len(data) >= unix.SizeofInet4Pktinfo:
 			pi := (*unix.Inet4Pktinfo)(unsafe.Pointer(&data[0]))
-			return netip.AddrFrom4(pi.Addr), int(pi.Ifindex), true
+			c.dst, c.ifindex, c.hasDst = netip.AddrFrom4(pi.Addr), int(pi.Ifindex), true
 		case h.Level == unix.IPPROTO_IPV6 && h.Type == unix.IPV6_PKTINFO && len(data) >= unix.SizeofInet6Pktinfo:
 			pi := (*unix.Inet6Pktinfo)(unsafe.Pointer(&data[0]))
-			return netip.AddrFrom16(pi.Addr), int(pi.Ifindex), true
+			c.dst, c.ifindex, c.hasDst = netip.AddrFrom16(pi.Addr), int(pi.Ifindex), true
+		case h.Level == unix.SOL_SOCKET && h.Type == unix.SO_RXQ_OVFL && len(data) >= 4:
+			c.drops = *(*uint32)(unsafe.Pointer(&data[0]))
 		}
 		next := unix.CmsgSpace(int(h.Len) - unix.CmsgLen(0))
 		if next > len(b) {
@@ -449,5 +471,5 @@ func dstFromOOB(b []byte) (netip.Addr, int, bool) {
 		}
 		b = b[next:]
 	}
-	return netip.Addr{}, 0, false
+	return c
 }

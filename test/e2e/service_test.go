@@ -137,7 +137,7 @@ func TestMetricsEndpoint(t *testing.T) {
 		t.Errorf("docker connected %v", v)
 	}
 	for _, name := range []string{"berth_docker_event_stream_reconnects_total", "berth_nat_flush_recoveries_total",
-		"berth_errors_total", "berth_relay_udp_flows_total", "berth_relay_active_udp_flows", "berth_relay_drops_total", "go_goroutines", "process_resident_memory_bytes"} {
+		"berth_errors_total", "berth_relay_udp_flows_total", "berth_relay_active_udp_flows", "berth_relay_udp_kernel_drops_total", "berth_relay_drops_total", "go_goroutines", "process_resident_memory_bytes"} {
 		if _, ok := fams[name]; !ok {
 			t.Errorf("metric %s missing", name)
 		}
