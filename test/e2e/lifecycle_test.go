@@ -198,6 +198,10 @@ func TestDockerdRestartRelists(t *testing.T) {
 // TestDockerdRestartRedescribes: dockerd restarted with other flags; the
 // status summary's dockerd lines follow, and berth logs the change.
 func TestDockerdRestartRedescribes(t *testing.T) {
+	harness.Require(t)
+	// dockerd with --iptables writes rules it does not remove when it
+	// stops; put the namespace's rules back after the world's teardown.
+	t.Cleanup(saveNetnsRules(t))
 	w := harness.Start(t, harness.Options{})
 	b := w.StartBerth()
 	dockerd := func() string {
