@@ -79,6 +79,7 @@ func newPollLoop(opts *Options) (*pollLoop, error) {
 		lp.in[i].buf = mem[i*slotSize : (i+1)*slotSize : (i+1)*slotSize]
 		lp.out[i].buf = mem[(batch+i)*slotSize : (batch+i+1)*slotSize : (batch+i+1)*slotSize]
 	}
+	lp.initSlots()
 	go lp.run()
 	return lp, nil
 }

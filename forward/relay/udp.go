@@ -52,9 +52,11 @@ type flow struct {
 	client netip.AddrPort
 	fd     int
 	gen    uint32
-	hdr    []byte // PROXY v2 header for every datagram, or nil
-	oob    []byte // IP(V6)_PKTINFO that makes replies leave from the address the client used
-	last   int64  // now() of the last datagram either way
+	hdr    []byte              // PROXY v2 header for every datagram, or nil
+	oob    []byte              // IP(V6)_PKTINFO that makes replies leave from the address the client used
+	last   int64               // now() of the last datagram either way
+	to     unix.RawSockaddrAny // client, as sendmmsg takes it
+	tolen  uint32
 }
 
 // slot is one datagram of a recvmmsg or sendmmsg batch and its buffer.
@@ -63,7 +65,23 @@ type slot struct {
 	rsa unix.RawSockaddrAny
 	oob [64]byte
 	iov unix.Iovec
-	to  *udpSocket // replies: the socket it leaves by
+	to  *udpSocket // replies: the socket it leaves by (their address and PKTINFO are the flow's)
+}
+
+// initSlots points every batch header at its slot's buffer, address and
+// control space, once; a batch then only resets the lengths the kernel
+// overwrote.
+func (lp *pollLoop) initSlots() {
+	for i := range batch {
+		in, out := &lp.in[i], &lp.out[i]
+		in.iov.Base = &in.buf[headroom]
+		in.iov.SetLen(maxUDP)
+		lp.inh[i].hdr = unix.Msghdr{Name: (*byte)(unsafe.Pointer(&in.rsa)), Iov: &in.iov, Control: &in.oob[0]}
+		lp.inh[i].hdr.SetIovlen(1)
+		out.iov.Base = &out.buf[0]
+		lp.outh[i].hdr = unix.Msghdr{Iov: &out.iov}
+		lp.outh[i].hdr.SetIovlen(1)
+	}
 }
 
 // mmsghdr is struct mmsghdr; Go pads it as C does.
@@ -127,18 +145,9 @@ func (lp *pollLoop) endFlows(l *listener, end func(*flow) bool) {
 // sends each into its client's flow.
 func (lp *pollLoop) fromClients(s *udpSocket) {
 	l := s.l
-	for i := range lp.in {
-		sl := &lp.in[i]
-		sl.iov.Base = &sl.buf[headroom]
-		sl.iov.SetLen(maxUDP)
-		lp.inh[i] = mmsghdr{hdr: unix.Msghdr{
-			Name:    (*byte)(unsafe.Pointer(&sl.rsa)),
-			Namelen: unix.SizeofSockaddrAny,
-			Iov:     &sl.iov,
-			Control: &sl.oob[0],
-		}}
-		lp.inh[i].hdr.SetIovlen(1)
-		lp.inh[i].hdr.SetControllen(len(sl.oob))
+	for i := range lp.inh { // the rest of the headers is set once (initSlots)
+		lp.inh[i].hdr.Namelen = unix.SizeofSockaddrAny
+		lp.inh[i].hdr.SetControllen(len(lp.in[i].oob))
 	}
 	r, _, e := unix.Syscall6(unix.SYS_RECVMMSG, uintptr(s.fd), uintptr(unsafe.Pointer(&lp.inh[0])), batch, unix.MSG_DONTWAIT, 0, 0)
 	if e != 0 {
@@ -200,6 +209,7 @@ func (lp *pollLoop) newFlow(s *udpSocket, client netip.AddrPort, c control) (*fl
 		return nil, fmt.Errorf("connect %s: %w", target, err)
 	}
 	f := &flow{l: l, m: m, client: client, fd: fd}
+	f.tolen = rawSockaddr(client, &f.to)
 	dst := c.dst
 	if c.hasDst {
 		if dst.Is4() {
@@ -253,15 +263,13 @@ func (lp *pollLoop) fromContainer(f *flow) {
 	}
 	f.last = now()
 	sl.to = f.l.udp
-	sl.iov.Base = &sl.buf[0]
 	sl.iov.SetLen(n)
-	name, namelen := rawSockaddr(f.client, &sl.rsa)
 	h := &lp.outh[lp.nout]
-	*h = mmsghdr{hdr: unix.Msghdr{Name: name, Namelen: namelen, Iov: &sl.iov}}
-	h.hdr.SetIovlen(1)
+	h.hdr.Name, h.hdr.Namelen = (*byte)(unsafe.Pointer(&f.to)), f.tolen
+	h.hdr.Control = nil
+	h.hdr.SetControllen(0)
 	if len(f.oob) > 0 {
-		copy(sl.oob[:], f.oob)
-		h.hdr.Control = &sl.oob[0]
+		h.hdr.Control = &f.oob[0]
 		h.hdr.SetControllen(len(f.oob))
 	}
 	lp.nout++
@@ -320,27 +328,20 @@ func (lp *pollLoop) sweepEvery() time.Duration {
 func (lp *pollLoop) sweep(t int64) {
 	lp.sweepAt = t + int64(lp.sweepEvery())
 	idle := int64(lp.opts.UDPIdleTimeout)
-	seen := map[*listener]bool{}
+	stale := func(f *flow) bool { return t-f.last >= idle }
+	// Every open UDP listener has one handle, and its flows are in its
+	// table: the listening sockets' handles reach every flow once.
 	for _, h := range lp.handles {
-		var l *listener
-		switch {
-		case h.t != nil:
+		if h.s == nil {
 			continue
-		case h.s != nil:
-			l = h.s.l
-			if h.s.paused {
-				h.s.paused = false
-				lp.paused--
-				ev := unix.EpollEvent{Events: unix.EPOLLIN, Fd: int32(h.s.fd), Pad: int32(h.s.gen)}
-				unix.EpollCtl(lp.epfd, unix.EPOLL_CTL_MOD, h.s.fd, &ev)
-			}
-		default:
-			l = h.f.l
 		}
-		if !seen[l] {
-			seen[l] = true
-			lp.endFlows(l, func(f *flow) bool { return t-f.last >= idle })
+		if h.s.paused {
+			h.s.paused = false
+			lp.paused--
+			ev := unix.EpollEvent{Events: unix.EPOLLIN, Fd: int32(h.s.fd), Pad: int32(h.s.gen)}
+			unix.EpollCtl(lp.epfd, unix.EPOLL_CTL_MOD, h.s.fd, &ev)
 		}
+		lp.endFlows(h.s.l, stale)
 	}
 }
 
@@ -399,15 +400,15 @@ func sockaddr(ap netip.AddrPort) unix.Sockaddr {
 	return sa
 }
 
-// rawSockaddr writes ap into rsa for a sendmmsg header.
-func rawSockaddr(ap netip.AddrPort, rsa *unix.RawSockaddrAny) (*byte, uint32) {
+// rawSockaddr writes ap into rsa for a sendmmsg header and returns its length.
+func rawSockaddr(ap netip.AddrPort, rsa *unix.RawSockaddrAny) uint32 {
 	port := ap.Port()
 	if ap.Addr().Is4() {
 		sa := (*unix.RawSockaddrInet4)(unsafe.Pointer(rsa))
 		*sa = unix.RawSockaddrInet4{Family: unix.AF_INET, Addr: ap.Addr().As4()}
 		p := (*[2]byte)(unsafe.Pointer(&sa.Port))
 		p[0], p[1] = byte(port>>8), byte(port)
-		return (*byte)(unsafe.Pointer(rsa)), unix.SizeofSockaddrInet4
+		return unix.SizeofSockaddrInet4
 	}
 	sa := (*unix.RawSockaddrInet6)(unsafe.Pointer(rsa))
 	*sa = unix.RawSockaddrInet6{Family: unix.AF_INET6, Addr: ap.Addr().As16()}
@@ -417,7 +418,7 @@ func rawSockaddr(ap netip.AddrPort, rsa *unix.RawSockaddrAny) (*byte, uint32) {
 	}
 	p := (*[2]byte)(unsafe.Pointer(&sa.Port))
 	p[0], p[1] = byte(port>>8), byte(port)
-	return (*byte)(unsafe.Pointer(rsa)), unix.SizeofSockaddrInet6
+	return unix.SizeofSockaddrInet6
 }
 
 // fromSockaddr is the sender recvmmsg wrote into rsa.
