@@ -497,13 +497,28 @@ func (r *Reconciler) NoteFlushRecovery() {
 	r.mu.Unlock()
 }
 
+// Summary is Status without the rows (and their relay counters), for
+// callers that need the counts only: cheap enough for every sync.
+func (r *Reconciler) Summary() Summary {
+	r.mu.Lock()
+	sum := r.summaryLocked()
+	r.mu.Unlock()
+	sum.DockerConnected = r.src.Connected()
+	return sum
+}
+
+func (r *Reconciler) summaryLocked() Summary {
+	sum := r.summary
+	sum.Info = append([]string(nil), r.info...)
+	return sum
+}
+
 // Status returns the rows of the last sync (with live relay counters) and
 // the summary.
 func (r *Reconciler) Status() ([]Row, Summary) {
 	r.mu.Lock()
 	rows := append([]Row(nil), r.rows...)
-	sum := r.summary
-	sum.Info = append([]string(nil), r.info...)
+	sum := r.summaryLocked()
 	r.mu.Unlock()
 	sum.DockerConnected = r.src.Connected()
 	if sr, ok := r.opts.Relay.(forward.StatsReporter); ok && r.opts.Relay != nil {

@@ -149,7 +149,7 @@ func (d *daemon) redescribe(log logrus.FieldLogger) {
 	}
 	lines := d.be.dockerInfo(d.ctx)
 	info := append(slices.Clone(d.be.natInfo), lines...)
-	_, sum := d.rec.Status()
+	sum := d.rec.Summary()
 	if slices.Equal(info, sum.Info) {
 		return
 	}
@@ -197,7 +197,7 @@ const releaseAfter = 100
 // forced collection does it now, so berth's RSS is what it holds, not
 // what the last burst needed. Called with d.mu held.
 func (d *daemon) releaseMemory(rec *reconcile.Reconciler) {
-	_, sum := rec.Status()
+	sum := rec.Summary()
 	if n := sum.Mappings - d.released; n >= releaseAfter || n <= -releaseAfter {
 		d.released = sum.Mappings
 		debug.FreeOSMemory()
@@ -231,7 +231,7 @@ func (d *daemon) sync(log logrus.FieldLogger, rec *reconcile.Reconciler) func(co
 			d.releaseMemory(rec)
 		}
 		if err == nil && !d.synced {
-			_, sum := rec.Status()
+			sum := rec.Summary()
 			log.WithFields(logrus.Fields{"mappings": sum.Mappings, "installed": sum.Installed, "errors": sum.Errors}).
 				Info("first sync done")
 			sdNotify(log, sd.SdNotifyReady)
@@ -249,7 +249,7 @@ func (d *daemon) handler() http.Handler {
 		writeJSON(w, rows)
 	})
 	mux.HandleFunc("/status/summary", func(w http.ResponseWriter, _ *http.Request) {
-		_, sum := d.rec.Status()
+		sum := d.rec.Summary()
 		writeJSON(w, sum)
 	})
 	mux.Handle("/metrics", promhttp.HandlerFor(d.m.reg, promhttp.HandlerOpts{}))
