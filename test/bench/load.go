@@ -200,95 +200,85 @@ func abort(c net.Conn) {
 // connection (SO_LINGER 0, so the client leaves no TIME_WAIT), for d or
 // until max connections in all.
 func TCPConnRate(in In, addr string, conc int, d time.Duration, max int64) (Result, error) {
-	var lat latencies
-	var count, errs atomic.Int64
-	var firstErr atomic.Value
-	start := time.Now()
-	end := start.Add(d)
-	err := workers(in, conc, func(_ int, d *Dialer) error {
-		var mine []time.Duration
+	return rate(in, conc, d, max, func(_ int, dl *Dialer) (func() error, func(), error) {
 		buf := make([]byte, 16)
-		for time.Now().Before(end) && count.Add(1) <= max {
-			t0 := time.Now()
-			err := func() error {
-				c, err := d.Dial("tcp", addr, 2*time.Second)
+		return func() error {
+			c, err := dl.Dial("tcp", addr, 2*time.Second)
+			if err != nil {
+				return err
+			}
+			defer abort(c)
+			c.SetDeadline(time.Now().Add(2 * time.Second))
+			if _, err := c.Write([]byte{'x'}); err != nil {
+				return err
+			}
+			if err := c.(*net.TCPConn).CloseWrite(); err != nil {
+				return err
+			}
+			got := 0
+			for {
+				n, err := c.Read(buf[got:])
+				got += n
+				if err == io.EOF {
+					break
+				}
 				if err != nil {
 					return err
 				}
-				defer abort(c)
-				c.SetDeadline(time.Now().Add(2 * time.Second))
-				if _, err := c.Write([]byte{'x'}); err != nil {
-					return err
-				}
-				if err := c.(*net.TCPConn).CloseWrite(); err != nil {
-					return err
-				}
-				got := 0
-				for {
-					n, err := c.Read(buf[got:])
-					got += n
-					if err == io.EOF {
-						break
-					}
-					if err != nil {
-						return err
-					}
-				}
-				if got != 1 || buf[0] != 'x' {
-					return fmt.Errorf("echo: got %q", buf[:got])
-				}
-				return nil
-			}()
-			if err != nil {
-				errs.Add(1)
-				firstErr.CompareAndSwap(nil, err.Error())
-				continue
 			}
-			mine = append(mine, time.Since(t0))
-		}
-		lat.add(mine)
-		return nil
+			if got != 1 || buf[0] != 'x' {
+				return fmt.Errorf("echo: got %q", buf[:got])
+			}
+			return nil
+		}, func() {}, nil
 	})
-	el := time.Since(start)
-	r := Result{Count: int64(len(lat.d)), Errors: errs.Load(), Dur: el,
-		P50: lat.pct(0.50), P99: lat.pct(0.99)}
-	r.Rate = float64(r.Count) / el.Seconds()
-	if e := firstErr.Load(); e != nil {
-		r.Note = e.(string)
-	}
-	return r, err
 }
 
 // UDPRate runs conc workers, each with its own socket (one flow), sending
 // a 32-byte datagram and waiting for the echo, for d or max round trips.
 // A datagram not answered within 500 ms counts as an error.
 func UDPRate(in In, addr string, conc int, d time.Duration, max int64) (Result, error) {
+	return rate(in, conc, d, max, func(i int, dl *Dialer) (func() error, func(), error) {
+		c, err := dl.Dial("udp", addr, time.Second)
+		if err != nil {
+			return nil, nil, err
+		}
+		msg := []byte(fmt.Sprintf("bench-%04d-0123456789abcdefghij", i))[:32]
+		buf := make([]byte, 64)
+		return func() error {
+			c.SetDeadline(time.Now().Add(500 * time.Millisecond))
+			_, err := c.Write(msg)
+			for err == nil {
+				var n int
+				if n, err = c.Read(buf); err == nil && string(buf[:n]) == string(msg) {
+					return nil
+				}
+			}
+			return err
+		}, func() { c.Close() }, nil
+	})
+}
+
+// rate runs conc workers for d or until max operations in all. mk gives
+// each worker its operation (and what to close when it is done); rate
+// times the operations that succeed and counts the ones that fail, keeping
+// the first error's text as the Result's note.
+func rate(in In, conc int, d time.Duration, max int64, mk func(i int, dl *Dialer) (op func() error, done func(), err error)) (Result, error) {
 	var lat latencies
 	var count, errs atomic.Int64
 	var firstErr atomic.Value
 	start := time.Now()
 	end := start.Add(d)
-	err := workers(in, conc, func(i int, d *Dialer) error {
-		c, err := d.Dial("udp", addr, time.Second)
+	err := workers(in, conc, func(i int, dl *Dialer) error {
+		op, done, err := mk(i, dl)
 		if err != nil {
 			return err
 		}
-		defer c.Close()
-		msg := []byte(fmt.Sprintf("bench-%04d-0123456789abcdefghij", i))[:32]
-		buf := make([]byte, 64)
+		defer done()
 		var mine []time.Duration
 		for time.Now().Before(end) && count.Add(1) <= max {
 			t0 := time.Now()
-			c.SetDeadline(t0.Add(500 * time.Millisecond))
-			_, err := c.Write(msg)
-			var n int
-			for err == nil {
-				n, err = c.Read(buf)
-				if err == nil && string(buf[:n]) == string(msg) {
-					break
-				}
-			}
-			if err != nil {
+			if err := op(); err != nil {
 				errs.Add(1)
 				firstErr.CompareAndSwap(nil, err.Error())
 				continue
