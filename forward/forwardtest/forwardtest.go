@@ -156,6 +156,17 @@ func (s *suite) mapping(proto forward.Proto, name string) (forward.Mapping, neti
 }
 
 // apply runs Apply and fails the test on any error.
+// onePerProto makes a mapping (and its server) for each protocol under
+// test, named prefix-proto.
+func (s *suite) onePerProto(prefix string) []forward.Mapping {
+	var ms []forward.Mapping
+	for _, p := range s.Protos {
+		m, _ := s.mapping(p, prefix+"-"+string(p))
+		ms = append(ms, m)
+	}
+	return ms
+}
+
 func (s *suite) apply(add, remove []forward.Mapping) {
 	s.t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
@@ -381,11 +392,7 @@ func (s *suite) echo(proto forward.Proto, addr netip.AddrPort, name string) {
 }
 
 func testForwards(t *testing.T, s *suite) {
-	var ms []forward.Mapping
-	for _, p := range s.Protos {
-		m, _ := s.mapping(p, "fwd-"+string(p))
-		ms = append(ms, m)
-	}
+	ms := s.onePerProto("fwd")
 	s.apply(ms, nil)
 	s.expectList(ms...)
 	for _, m := range ms {
@@ -394,11 +401,7 @@ func testForwards(t *testing.T, s *suite) {
 }
 
 func testIdempotentAdd(t *testing.T, s *suite) {
-	var ms []forward.Mapping
-	for _, p := range s.Protos {
-		m, _ := s.mapping(p, "idem-"+string(p))
-		ms = append(ms, m)
-	}
+	ms := s.onePerProto("idem")
 	s.apply(ms, nil)
 	s.apply(ms, nil)
 	s.apply(append(slices.Clone(ms), ms...), nil) // duplicates within a batch too
@@ -409,11 +412,7 @@ func testIdempotentAdd(t *testing.T, s *suite) {
 }
 
 func testRemove(t *testing.T, s *suite) {
-	var ms []forward.Mapping
-	for _, p := range s.Protos {
-		m, _ := s.mapping(p, "rm-"+string(p))
-		ms = append(ms, m)
-	}
+	ms := s.onePerProto("rm")
 	s.apply(ms, nil)
 	for _, m := range ms {
 		s.expect(m, m.ContainerID)
@@ -430,11 +429,7 @@ func testRemove(t *testing.T, s *suite) {
 func testRemoveAbsent(t *testing.T, s *suite) {
 	kept, _ := s.mapping(s.Protos[0], "kept")
 	s.apply([]forward.Mapping{kept}, nil)
-	var absent []forward.Mapping
-	for _, p := range s.Protos {
-		m, _ := s.mapping(p, "absent-"+string(p))
-		absent = append(absent, m)
-	}
+	absent := s.onePerProto("absent")
 	// Same key as an installed mapping, other target: not installed either.
 	other := kept
 	other.ContainerPort = Port()
@@ -507,4 +502,45 @@ func testMany(t *testing.T, s *suite) {
 	}
 	s.expect(ms[n-1], ms[n-1].ContainerID)
 	s.expect(ms[n-2], ms[n-2].ContainerID)
+}
+
+// Serve accepts on ln until it is closed (at the end of the test) and runs
+// handle on a goroutine of its own for each connection, closing the
+// connection when handle returns: the test servers behind a forward.
+func Serve(t testing.TB, ln net.Listener, handle func(c net.Conn)) {
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				handle(c)
+			}()
+		}
+	}()
+}
+
+// Containers makes the TCP mappings of count synthetic containers with
+// ports ports each, numbered from first, as `-p` of a port range publishes
+// them: container i at 10.200.x.y, host ports 0.0.0.0:20000+i*ports... to
+// container ports 80..., ContainerID idBase+i in 12 hex digits. Benchmarks
+// use it for tables of thousands of mappings.
+func Containers(first, count, ports int, idBase uint64) []forward.Mapping {
+	ms := make([]forward.Mapping, 0, count*ports)
+	for i := first; i < first+count; i++ {
+		ip := netip.AddrFrom4([4]byte{10, 200, byte(i / 250), byte(i%250 + 2)})
+		for j := range ports {
+			ms = append(ms, forward.Mapping{
+				Key:           forward.Key{Proto: forward.TCP, HostIP: netip.IPv4Unspecified(), HostPort: uint16(20000 + i*ports + j)},
+				ContainerIP:   ip,
+				ContainerPort: uint16(80 + j),
+				ContainerID:   fmt.Sprintf("%012x", idBase+uint64(i)),
+				Mode:          forward.ModeNAT,
+			})
+		}
+	}
+	return ms
 }

@@ -3,37 +3,22 @@ package nat
 import (
 	"context"
 	"fmt"
-	"net/netip"
 	"os"
 	"testing"
 
 	"github.com/berth-dev/berth/forward"
+	"github.com/berth-dev/berth/forward/forwardtest"
 	"github.com/berth-dev/berth/test/netns"
 )
 
-// container makes n tcp mappings for container i, as `-p` of a port range
-// would: 0.0.0.0:20000+10i.. -> 10.200.x.y:80..
-func container(i, n int) []forward.Mapping {
-	ip := netip.AddrFrom4([4]byte{10, 200, byte(i / 250), byte(i%250 + 2)})
-	ms := make([]forward.Mapping, n)
-	for j := range ms {
-		ms[j] = forward.Mapping{
-			Key:           forward.Key{Proto: forward.TCP, HostIP: netip.IPv4Unspecified(), HostPort: uint16(20000 + i*n + j)},
-			ContainerIP:   ip,
-			ContainerPort: uint16(80 + j),
-			ContainerID:   fmt.Sprintf("%012x", 0xc0ffee000000+i),
-			Mode:          forward.ModeNAT,
-		}
-	}
-	return ms
+// containers makes count synthetic containers' mappings, ports each;
+// container(i, n) is container i alone.
+func containers(count, ports int) []forward.Mapping {
+	return forwardtest.Containers(0, count, ports, 0xc0ffee000000)
 }
 
-func containers(count, ports int) []forward.Mapping {
-	var ms []forward.Mapping
-	for i := 0; i < count; i++ {
-		ms = append(ms, container(i, ports)...)
-	}
-	return ms
+func container(i, n int) []forward.Mapping {
+	return forwardtest.Containers(i, 1, n, 0xc0ffee000000)
 }
 
 func requireNetns(b *testing.B) {

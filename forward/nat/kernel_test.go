@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/berth-dev/berth/forward"
+	"github.com/berth-dev/berth/forward/forwardtest"
 	"github.com/berth-dev/berth/test/netns"
 )
 
@@ -322,21 +323,11 @@ func serveTCP(t *testing.T, p *netns.Peer, addr, name string) {
 	if err := p.Do(func() (err error) { ln, err = net.Listen("tcp", addr); return }); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				c.SetDeadline(time.Now().Add(5 * time.Second))
-				line, _ := bufio.NewReader(c).ReadString('\n')
-				fmt.Fprintf(c, "%s %s", name, line)
-			}()
-		}
-	}()
+	forwardtest.Serve(t, ln, func(c net.Conn) {
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		line, _ := bufio.NewReader(c).ReadString('\n')
+		fmt.Fprintf(c, "%s %s", name, line)
+	})
 }
 
 func serveUDP(t *testing.T, p *netns.Peer, addr, name string) {

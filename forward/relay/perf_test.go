@@ -20,30 +20,19 @@ func naiveProxy(t testing.TB, target netip.AddrPort) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				up, err := net.DialTCP("tcp", nil, net.TCPAddrFromAddrPort(target))
-				if err != nil {
-					c.Close()
-					return
-				}
-				var wg sync.WaitGroup
-				wg.Add(1)
-				go func() { io.Copy(up, c); up.CloseWrite(); wg.Done() }()
-				io.Copy(c, up)
-				c.(*net.TCPConn).CloseWrite()
-				wg.Wait()
-				c.Close()
-				up.Close()
-			}()
+	forwardtest.Serve(t, ln, func(c net.Conn) {
+		up, err := net.DialTCP("tcp", nil, net.TCPAddrFromAddrPort(target))
+		if err != nil {
+			return
 		}
-	}()
+		var wg sync.WaitGroup
+		wg.Add(1)
+		go func() { io.Copy(up, c); up.CloseWrite(); wg.Done() }()
+		io.Copy(c, up)
+		c.(*net.TCPConn).CloseWrite()
+		wg.Wait()
+		up.Close()
+	})
 	return ln.Addr().String()
 }
 

@@ -89,21 +89,11 @@ func lineEcho(t testing.TB) netip.AddrPort {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				// Plain read and write: Go's splice would keep pipes
-				// of its own, which TestSplicePipesBounded counts.
-				io.Copy(struct{ io.Writer }{c}, struct{ io.Reader }{c})
-			}()
-		}
-	}()
+	forwardtest.Serve(t, ln, func(c net.Conn) {
+		// Plain read and write: Go's splice would keep pipes of its
+		// own, which TestSplicePipesBounded counts.
+		io.Copy(struct{ io.Writer }{c}, struct{ io.Reader }{c})
+	})
 	return ln.Addr().(*net.TCPAddr).AddrPort()
 }
 
@@ -258,25 +248,15 @@ func proxyEchoTCP(t *testing.T) netip.AddrPort {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				c.SetDeadline(time.Now().Add(3 * time.Second))
-				h, err := proxyproto.Read(bufio.NewReader(c))
-				if err != nil {
-					fmt.Fprintf(c, "error %v", err)
-					return
-				}
-				fmt.Fprintf(c, "%s %s", h.SourceAddr, h.DestinationAddr)
-			}()
+	forwardtest.Serve(t, ln, func(c net.Conn) {
+		c.SetDeadline(time.Now().Add(3 * time.Second))
+		h, err := proxyproto.Read(bufio.NewReader(c))
+		if err != nil {
+			fmt.Fprintf(c, "error %v", err)
+			return
 		}
-	}()
+		fmt.Fprintf(c, "%s %s", h.SourceAddr, h.DestinationAddr)
+	})
 	return ln.Addr().(*net.TCPAddr).AddrPort()
 }
 

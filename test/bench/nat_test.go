@@ -6,7 +6,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -16,6 +15,7 @@ import (
 	"time"
 
 	"github.com/berth-dev/berth/forward"
+	"github.com/berth-dev/berth/forward/forwardtest"
 	"github.com/berth-dev/berth/forward/nat"
 	"github.com/berth-dev/berth/reconcile"
 )
@@ -102,27 +102,14 @@ func natScale(t *testing.T, cfg config) (string, error) {
 	return s.String(), nil
 }
 
-func synthContainer(i, n int) []forward.Mapping {
-	ip := netip.AddrFrom4([4]byte{10, 200, byte(i / 250), byte(i%250 + 2)})
-	ms := make([]forward.Mapping, n)
-	for j := range ms {
-		ms[j] = forward.Mapping{
-			Key:           forward.Key{Proto: forward.TCP, HostIP: netip.IPv4Unspecified(), HostPort: uint16(20000 + i*n + j)},
-			ContainerIP:   ip,
-			ContainerPort: uint16(80 + j),
-			ContainerID:   fmt.Sprintf("%012x", 0xbe7000000000+i),
-			Mode:          forward.ModeNAT,
-		}
-	}
-	return ms
+// synth makes count synthetic containers' mappings, ports each;
+// synthContainer(i, n) is container i alone.
+func synth(count, ports int) []forward.Mapping {
+	return forwardtest.Containers(0, count, ports, 0xbe7000000000)
 }
 
-func synth(count, ports int) []forward.Mapping {
-	var ms []forward.Mapping
-	for i := 0; i < count; i++ {
-		ms = append(ms, synthContainer(i, ports)...)
-	}
-	return ms
+func synthContainer(i, n int) []forward.Mapping {
+	return forwardtest.Containers(i, 1, n, 0xbe7000000000)
 }
 
 // TestNATScale is the child side of natScale.
