@@ -25,10 +25,9 @@ func TestBadInputIsContained(t *testing.T) {
 	defer squatter.Close()
 	b := w.StartBerth()
 	w.RunEcho("good", "--label", "berth.ports=26000:80", "--label", "berth.mode=relay", "--", "-tcp", "80")
-	harness.Eventually(t, 5*time.Second, "good installed", func() error {
-		rows, err := b.Status()
-		if err != nil || installed(rows, "good") != 2 {
-			return fmt.Errorf("good not installed: %v %v", rows, err)
+	b.EventuallyStatus(t, 5*time.Second, "good installed", func(rows []reconcile.Row) error {
+		if installed(rows, "good") != 2 {
+			return fmt.Errorf("good not installed: %v", rows)
 		}
 		return nil
 	})
@@ -93,11 +92,7 @@ func TestBadInputIsContained(t *testing.T) {
 	// One that dies between its start event and berth's inspect.
 	w.MustDocker("run", "-d", "--name", "flash", "--label", "berth.ports=26010:80", harness.ImageBusybox, "true")
 
-	harness.Eventually(t, 15*time.Second, "every bad container has its error", func() error {
-		rows, err := b.Status()
-		if err != nil {
-			return err
-		}
+	b.EventuallyStatus(t, 15*time.Second, "every bad container has its error", func(rows []reconcile.Row) error {
 		var missing []string
 		for _, c := range cases {
 			found := false

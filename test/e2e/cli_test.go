@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/berth-dev/berth/reconcile"
 	"github.com/berth-dev/berth/test/harness"
 )
 
@@ -17,10 +18,9 @@ func TestStatusCommand(t *testing.T) {
 	w := harness.Start(t, harness.Options{})
 	b := w.StartBerth()
 	w.RunEcho("cli", "-p", "27000:80", "--label", "berth.ports=27001:81", "--label", "berth.network=bridge", "--", "-tcp", "80,81")
-	harness.Eventually(t, 5*time.Second, "installed", func() error {
-		rows, err := b.Status()
-		if err != nil || installed(rows, "cli") != 4 {
-			return fmt.Errorf("rows %v %v", rows, err)
+	b.EventuallyStatus(t, 5*time.Second, "installed", func(rows []reconcile.Row) error {
+		if installed(rows, "cli") != 4 {
+			return fmt.Errorf("rows %v", rows)
 		}
 		return nil
 	})

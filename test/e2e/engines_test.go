@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/berth-dev/berth/reconcile"
 	"github.com/berth-dev/berth/test/harness"
 	"github.com/berth-dev/berth/test/netns"
 )
@@ -44,11 +45,7 @@ func TestEnginesCoreScenarios(t *testing.T) {
 			peer := netns.NewPeer(t, 140+i)
 			b := w.StartBerth()
 			w.RunEcho("core", "-p", "28000:80", "-p", "28001:53/udp", "--", "-tcp", "80", "-udp", "53")
-			harness.Eventually(t, 10*time.Second, "status follows -p", func() error {
-				rows, err := b.Status()
-				if err != nil {
-					return err
-				}
+			b.EventuallyStatus(t, 10*time.Second, "status follows -p", func(rows []reconcile.Row) error {
 				want := []string{"tcp 0.0.0.0:28000->80 nat", "tcp :::28000->80 relay", "udp 0.0.0.0:28001->53 nat", "udp :::28001->53 relay"}
 				if got := rowKeys(rows, "core"); strings.Join(got, "|") != strings.Join(want, "|") || installed(rows, "core") != 4 {
 					return fmt.Errorf("got %v (%d installed), want %v", got, installed(rows, "core"), want)

@@ -58,11 +58,7 @@ func TestStatusFollowsPublishedPortsAndLabels(t *testing.T) {
 	for name := range want {
 		sort.Strings(want[name])
 	}
-	harness.Eventually(t, 5*time.Second, "status shows every mapping", func() error {
-		rows, err := b.Status()
-		if err != nil {
-			return err
-		}
+	b.EventuallyStatus(t, 5*time.Second, "status shows every mapping", func(rows []reconcile.Row) error {
 		for name, keys := range want {
 			if got := rowKeys(rows, name); strings.Join(got, "|") != strings.Join(keys, "|") {
 				return fmt.Errorf("%s: got %v\nwant %v", name, got, keys)
@@ -95,11 +91,7 @@ func TestStatusFollowsPublishedPortsAndLabels(t *testing.T) {
 	// Stop and remove: the mappings go.
 	w.MustDocker("stop", "-t", "0", "pub")
 	w.MustDocker("rm", "-f", "lbl")
-	harness.Eventually(t, 5*time.Second, "mappings of stopped and removed containers disappear", func() error {
-		rows, err := b.Status()
-		if err != nil {
-			return err
-		}
+	b.EventuallyStatus(t, 5*time.Second, "mappings of stopped and removed containers disappear", func(rows []reconcile.Row) error {
 		if n := countRows(rows, "pub") + countRows(rows, "lbl"); n != 0 {
 			return fmt.Errorf("%d rows left", n)
 		}

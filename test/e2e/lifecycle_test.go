@@ -30,11 +30,7 @@ func TestThreeHundredPortsFollowStartAndRemove(t *testing.T) {
 	start := time.Now()
 	w.MustDocker("start", "big")
 	started := time.Since(start)
-	took := harness.Eventually(t, 10*time.Second, "600 mappings installed", func() error {
-		rows, err := b.Status()
-		if err != nil {
-			return err
-		}
+	took := b.EventuallyStatus(t, 10*time.Second, "600 mappings installed", func(rows []reconcile.Row) error {
 		if n := installed(rows, "big"); n != 600 {
 			return fmt.Errorf("%d of 600 installed", n)
 		}
@@ -48,11 +44,7 @@ func TestThreeHundredPortsFollowStartAndRemove(t *testing.T) {
 	start = time.Now()
 	w.MustDocker("rm", "-f", "big")
 	removed := time.Since(start)
-	took = harness.Eventually(t, 10*time.Second, "mappings removed", func() error {
-		rows, err := b.Status()
-		if err != nil {
-			return err
-		}
+	took = b.EventuallyStatus(t, 10*time.Second, "mappings removed", func(rows []reconcile.Row) error {
 		if n := countRows(rows, "big"); n != 0 {
 			return fmt.Errorf("%d rows left", n)
 		}
@@ -105,11 +97,7 @@ func TestBurstOfStartsCoalesces(t *testing.T) {
 		t.Fatal(err)
 	}
 	startsTook := time.Since(start)
-	harness.Eventually(t, 10*time.Second, "all 100 mappings installed", func() error {
-		rows, err := b.Status()
-		if err != nil {
-			return err
-		}
+	b.EventuallyStatus(t, 10*time.Second, "all 100 mappings installed", func(rows []reconcile.Row) error {
 		got := 0
 		for _, r := range rows {
 			if strings.HasPrefix(r.ContainerName, "burst") && r.State == reconcile.StateInstalled {
@@ -139,11 +127,7 @@ func TestDockerdRestartRelists(t *testing.T) {
 	b := w.StartBerth()
 	w.RunEcho("stays", "--restart=always", "--label", "berth.ports=23000:80", "--label", "berth.mode=relay", "--", "-tcp", "80")
 	w.RunEcho("goes", "--label", "berth.ports=23001:80", "--label", "berth.mode=relay", "--", "-tcp", "80")
-	harness.Eventually(t, 5*time.Second, "both installed", func() error {
-		rows, err := b.Status()
-		if err != nil {
-			return err
-		}
+	b.EventuallyStatus(t, 5*time.Second, "both installed", func(rows []reconcile.Row) error {
 		if installed(rows, "stays") != 2 || installed(rows, "goes") != 2 {
 			return fmt.Errorf("rows %v", rows)
 		}
@@ -166,11 +150,7 @@ func TestDockerdRestartRelists(t *testing.T) {
 		t.Fatal("berth exited when dockerd went away")
 	}
 	w.StartDockerd()
-	took := harness.Eventually(t, 10*time.Second, "status matches containers after restart", func() error {
-		rows, err := b.Status()
-		if err != nil {
-			return err
-		}
+	took := b.EventuallyStatus(t, 10*time.Second, "status matches containers after restart", func(rows []reconcile.Row) error {
 		s, _ := b.Summary()
 		if !s.DockerConnected {
 			return fmt.Errorf("not reconnected")

@@ -407,11 +407,7 @@ func hasLine(text, line string) bool {
 // waitInstalled waits until each named container has n installed rows.
 func waitInstalled(t testing.TB, b *harness.Berth, want map[string]int) {
 	t.Helper()
-	harness.Eventually(t, 10*time.Second, fmt.Sprint("installed ", want), func() error {
-		rows, err := b.Status()
-		if err != nil {
-			return err
-		}
+	b.EventuallyStatus(t, 10*time.Second, fmt.Sprint("installed ", want), func(rows []reconcile.Row) error {
 		for name, n := range want {
 			if got := installed(rows, name); got != n {
 				return fmt.Errorf("%s: %d of %d installed; rows %+v", name, got, n, rows)

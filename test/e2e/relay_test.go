@@ -23,11 +23,7 @@ func TestRelayWithContainers(t *testing.T) {
 		"--", "-proxy-protocol", "-tcp", "80", "-udp", "53")
 	w.RunEcho("plain", "--label", "berth.ports=29002:80,29003:53/udp", "--label", "berth.mode=relay", "--", "-tcp", "80", "-udp", "53")
 	w.RunEcho("held", "-p", "29004:80", "--label", "berth.mode=relay", "--", "-tcp", "80")
-	harness.Eventually(t, 10*time.Second, "relay rows", func() error {
-		rows, err := b.Status()
-		if err != nil {
-			return err
-		}
+	b.EventuallyStatus(t, 10*time.Second, "relay rows", func(rows []reconcile.Row) error {
 		if installed(rows, "pp") != 4 || installed(rows, "plain") != 4 {
 			return fmt.Errorf("pp %d plain %d installed", installed(rows, "pp"), installed(rows, "plain"))
 		}

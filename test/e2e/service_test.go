@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/berth-dev/berth/reconcile"
 	"github.com/berth-dev/berth/test/harness"
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
@@ -68,11 +69,7 @@ func TestMetricsEndpoint(t *testing.T) {
 	w := harness.Start(t, harness.Options{})
 	b := w.StartBerth()
 	w.RunEcho("m1", "--label", "berth.ports=25000:80,25001:81", "--label", "berth.mode=relay", "--", "-tcp", "80,81")
-	harness.Eventually(t, 5*time.Second, "installed", func() error {
-		rows, err := b.Status()
-		if err != nil {
-			return err
-		}
+	b.EventuallyStatus(t, 5*time.Second, "installed", func(rows []reconcile.Row) error {
 		if installed(rows, "m1") != 4 {
 			return fmt.Errorf("%d installed", installed(rows, "m1"))
 		}

@@ -553,6 +553,19 @@ func (b *Berth) Status() ([]reconcile.Row, error) {
 	return rows, b.get("/status", &rows)
 }
 
+// EventuallyStatus polls the daemon's /status until cond accepts its rows,
+// as Eventually does, and returns how long that took.
+func (b *Berth) EventuallyStatus(t testing.TB, d time.Duration, what string, cond func(rows []reconcile.Row) error) time.Duration {
+	t.Helper()
+	return Eventually(t, d, what, func() error {
+		rows, err := b.Status()
+		if err != nil {
+			return err
+		}
+		return cond(rows)
+	})
+}
+
 // Summary reads /status/summary.
 func (b *Berth) Summary() (reconcile.Summary, error) {
 	var s reconcile.Summary
