@@ -58,14 +58,8 @@ func makeDummy(t testing.TB) {
 
 var dummyOnce sync.Once
 
-func sh(t testing.TB, args ...string) string {
-	t.Helper()
-	out, err := exec.Command(args[0], args[1:]...).CombinedOutput()
-	if err != nil {
-		t.Fatalf("%s: %v: %s", strings.Join(args, " "), err, out)
-	}
-	return string(out)
-}
+// sh is netns.Sh.
+var sh = netns.Sh
 
 // tables is iptables-save and ip6tables-save of the flavour in use, without
 // comment lines and, with foreignOnly, without berth's lines.

@@ -363,15 +363,8 @@ func waitReady(t testing.TB, w *harness.World, names ...string) {
 	}
 }
 
-// sh runs a command in the test namespace and fails the test on error.
-func sh(t testing.TB, args ...string) string {
-	t.Helper()
-	out, err := exec.Command(args[0], args[1:]...).CombinedOutput()
-	if err != nil {
-		t.Fatalf("%s: %v: %s", strings.Join(args, " "), err, out)
-	}
-	return string(out)
-}
+// sh is netns.Sh.
+var sh = netns.Sh
 
 // flavour is the iptables flavour berth says it uses.
 func flavour(t testing.TB, b *harness.Berth) string {

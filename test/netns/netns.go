@@ -98,6 +98,17 @@ func Skip(t testing.TB, why string) {
 	t.Skip(why)
 }
 
+// Sh runs a command (in the test's namespace, where the test runs) and
+// fails the test on error; it returns the combined output.
+func Sh(t testing.TB, args ...string) string {
+	t.Helper()
+	out, err := exec.Command(args[0], args[1:]...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("%s: %v: %s", strings.Join(args, " "), err, out)
+	}
+	return string(out)
+}
+
 // Name is the namespace this test binary runs in ("" outside one).
 func Name() string { return os.Getenv(envName) }
 
