@@ -523,6 +523,23 @@ func Serve(t testing.TB, ln net.Listener, handle func(c net.Conn)) {
 	}()
 }
 
+// ServeUDP answers each datagram on pc with reply(payload), until pc is
+// closed at the end of the test. It allocates nothing per datagram itself,
+// so a reply that does not allocate keeps allocation counts clean.
+func ServeUDP(t testing.TB, pc *net.UDPConn, reply func(p []byte) []byte) {
+	t.Cleanup(func() { pc.Close() })
+	go func() {
+		buf := make([]byte, 65536)
+		for {
+			n, from, err := pc.ReadFromUDPAddrPort(buf)
+			if err != nil {
+				return
+			}
+			pc.WriteToUDPAddrPort(reply(buf[:n]), from)
+		}
+	}()
+}
+
 // Containers makes the TCP mappings of count synthetic containers with
 // ports ports each, numbered from first, as `-p` of a port range publishes
 // them: container i at 10.200.x.y, host ports 0.0.0.0:20000+i*ports... to

@@ -330,17 +330,7 @@ func serveUDP(t *testing.T, p *netns.Peer, addr, name string) {
 	if err := p.Do(func() (err error) { pc, err = net.ListenPacket("udp", addr); return }); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { pc.Close() })
-	go func() {
-		buf := make([]byte, 1500)
-		for {
-			n, from, err := pc.ReadFrom(buf)
-			if err != nil {
-				return
-			}
-			pc.WriteTo([]byte(name+" "+string(buf[:n])), from)
-		}
-	}()
+	forwardtest.ServeUDP(t, pc.(*net.UDPConn), func(p []byte) []byte { return []byte(name + " " + string(p)) })
 }
 
 // talk dials addr (from the peer when p is not nil) and returns the answer.

@@ -104,18 +104,8 @@ func udpEcho(t *testing.T) netip.AddrPort {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { pc.Close() })
-	go func() {
-		u := pc.(*net.UDPConn)
-		buf := make([]byte, 65536)
-		for {
-			n, from, err := u.ReadFromUDPAddrPort(buf) // allocation-free, for TestUDPHotPathAllocations
-			if err != nil {
-				return
-			}
-			u.WriteToUDPAddrPort(buf[:n], from)
-		}
-	}()
+	// Allocation-free, for TestUDPHotPathAllocations.
+	forwardtest.ServeUDP(t, pc.(*net.UDPConn), func(p []byte) []byte { return p })
 	return pc.LocalAddr().(*net.UDPAddr).AddrPort()
 }
 
@@ -267,24 +257,15 @@ func proxyEchoUDP(t *testing.T) netip.AddrPort {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { pc.Close() })
-	go func() {
-		buf := make([]byte, 65536)
-		for {
-			n, from, err := pc.ReadFrom(buf)
-			if err != nil {
-				return
-			}
-			br := bufio.NewReader(bytes.NewReader(buf[:n]))
-			h, err := proxyproto.Read(br)
-			if err != nil {
-				pc.WriteTo([]byte("error "+err.Error()), from)
-				continue
-			}
-			rest, _ := io.ReadAll(br)
-			pc.WriteTo(fmt.Appendf(nil, "%t %s %s %s", h.TransportProtocol.IsDatagram(), h.SourceAddr, h.DestinationAddr, rest), from)
+	forwardtest.ServeUDP(t, pc.(*net.UDPConn), func(p []byte) []byte {
+		br := bufio.NewReader(bytes.NewReader(p))
+		h, err := proxyproto.Read(br)
+		if err != nil {
+			return []byte("error " + err.Error())
 		}
-	}()
+		rest, _ := io.ReadAll(br)
+		return fmt.Appendf(nil, "%t %s %s %s", h.TransportProtocol.IsDatagram(), h.SourceAddr, h.DestinationAddr, rest)
+	})
 	return pc.LocalAddr().(*net.UDPAddr).AddrPort()
 }
 
